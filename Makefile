@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch first, pinned, so that nothing pulls a multi-GB CUDA build. GPU users: make TORCH="torch==2.13.0 --index-url ..."
+TORCH ?= torch==2.13.0
+EXTRAS ?= sb3,trl,dev
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m rlattr.cli demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rlattr callbacks tests experiments
+	$(VENV)/bin/ruff format --check rlattr callbacks tests experiments
+	$(VENV)/bin/mypy rlattr
+
+bench: $(STAMP)
+	$(PY) experiments/bench_grads.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,55 @@
+"""Gradient-similarity attribution: Grad-Dot and Grad-Cos, exact or through a random projection.
+
+Grad-Dot: ``score(q, i) = g_q . g_i``; Grad-Cos: ``cos(g_q, g_i)``. With a projection P the
+dot products are taken between ``P^T g`` (an unbiased estimate of the exact ones).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from rlattr.core.methods.base import Attributor, query_grads
+from rlattr.core.projection import RandomProjection
+from rlattr.core.task import Batch, Task
+
+
+class GradDot(Attributor):
+    """``g_q . g_i`` for every query q and cached training record i.
+
+    Args:
+        task: the Task (its loss defines g_i; its target, or its loss on the query, defines g_q).
+        projector: optional :class:`RandomProjection` with ``dim_in == task.num_params``.
+        chunk_size: records per vmap chunk.
+    """
+
+    normalize = False
+
+    def __init__(self, task: Task, *, projector: RandomProjection | None = None, chunk_size: int = 128) -> None:
+        super().__init__(task, chunk_size=chunk_size)
+        if projector is not None and projector.dim_in != task.num_params:
+            raise ValueError(
+                f"projector: dim_in is {projector.dim_in}, but the task tracks {task.num_params} parameters"
+            )
+        self.projector = projector
+
+    def _prepare(self, feats: Tensor) -> Tensor:
+        if not self.normalize:
+            return feats
+        return feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def cache(self, train: Batch) -> GradDot:
+        self._train = self._prepare(self._train_features(train, self.projector))
+        return self
+
+    def attribute(self, query: Batch) -> Tensor:
+        train = self._require_cache()
+        q = query_grads(self.task, query, chunk_size=self.chunk_size)
+        if self.projector is not None:
+            q = self.projector.project(q)
+        return self._prepare(q) @ train.T.to(q.dtype)
+
+
+class GradCos(GradDot):
+    """Cosine of ``g_q`` and ``g_i`` (exact or projected)."""
+
+    normalize = True

@@ -1,0 +1,144 @@
+"""The Task: every model-specific piece of an attribution problem, in one object.
+
+A Task names the model, the parameters whose gradients are tracked (with a group label per
+tensor, e.g. its layer), a per-record training loss and an optional target. The algorithms in
+:mod:`rlattr.core` never look inside the model: they only call the Task's functions with a dict of
+tracked parameters, so the same engine serves a classifier, a PPO round and an RLHF step.
+
+Functions receive ``params``: a ``dict[str, Tensor]`` of the *tracked* parameters only. Call the
+model with :func:`torch.func.functional_call` (``functional_call(model, params, (x,))``); the
+untracked parameters and buffers are taken from the module itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+Batch = Any  # a pytree (dict / tuple / list) of tensors sharing the leading record dimension
+LossFn = Callable[[Params, Batch], Tensor]
+TargetFn = Callable[[Params, Batch], Tensor]
+ParamSelector = Sequence[str] | str | Callable[[str, nn.Parameter], bool] | None
+GroupSpec = Literal["module", "tensor", "all"] | Callable[[str], str] | Mapping[str, str]
+
+TARGET_GOALS = ("lower", "raise")
+
+
+def _module_group(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+_GROUPERS: dict[str, Callable[[str], str]] = {
+    "module": _module_group,
+    "tensor": lambda name: name,
+    "all": lambda name: "all",
+}
+
+
+@dataclass
+class Task:
+    """An attribution problem.
+
+    Args:
+        model: the ``nn.Module`` whose parameters are attributed.
+        loss: per-record training loss, ``(params, batch) -> Tensor[n]``, one value per record of
+            ``batch``. Record i's loss must depend on record i alone (no batch statistics) for
+            per-record gradients and directional scores to mean what they say.
+        target: what the attribution explains, ``(params, batch) -> Tensor[]`` or ``Tensor[m]``.
+        target_goal: ``"lower"`` when the target is a loss to lower (a test loss), ``"raise"`` when
+            it is a quantity to raise (a log-prob, a return). Scores are signed so that a positive
+            score always means the record *helps* the target.
+        params: which parameters are tracked: ``None`` (every parameter with ``requires_grad``),
+            a list of names, a regular expression matched against names, or a predicate
+            ``(name, parameter) -> bool``.
+        groups: how tracked tensors are grouped for per-group breakdowns: ``"module"`` (the
+            owning module, i.e. a layer), ``"tensor"``, ``"all"``, a mapping name -> label, or a
+            function name -> label.
+    """
+
+    model: nn.Module
+    loss: LossFn
+    target: TargetFn | None = None
+    target_goal: str = "lower"
+    params: ParamSelector = None
+    groups: GroupSpec = "module"
+    tracked_names: list[str] = field(init=False)
+    group_of: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(self.model).__name__}")
+        if not callable(self.loss):
+            raise TypeError(f"loss: expected a callable (params, batch) -> Tensor[n], got {self.loss!r}")
+        if self.target is not None and not callable(self.target):
+            raise TypeError(f"target: expected a callable (params, batch) -> Tensor, got {self.target!r}")
+        if self.target_goal not in TARGET_GOALS:
+            raise ValueError(f"target_goal: got {self.target_goal!r}; supported: {TARGET_GOALS}")
+        self.tracked_names = self._resolve_params()
+        self.group_of = self._resolve_groups()
+
+    def _resolve_params(self) -> list[str]:
+        named = dict(self.model.named_parameters())
+        sel = self.params
+        if sel is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+        elif isinstance(sel, str):
+            pattern = re.compile(sel)
+            names = [n for n in named if pattern.search(n)]
+        elif callable(sel):
+            names = [n for n, p in named.items() if sel(n, p)]
+        else:
+            unknown = [n for n in sel if n not in named]
+            if unknown:
+                shown = ", ".join(list(named)[:8]) + (" ..." if len(named) > 8 else "")
+                raise ValueError(f"params: unknown parameter name(s) {unknown}; the model has: {shown}")
+            names = [n for n in named if n in set(sel)]
+        if not names:
+            raise ValueError(f"params: selector {sel!r} matches no parameter of the model")
+        return names
+
+    def _resolve_groups(self) -> dict[str, str]:
+        spec = self.groups
+        if isinstance(spec, str):
+            if spec not in _GROUPERS:
+                raise ValueError(f"groups: got {spec!r}; supported: {sorted(_GROUPERS)}, a mapping or a callable")
+            fn = _GROUPERS[spec]
+            return {n: fn(n) for n in self.tracked_names}
+        if isinstance(spec, Mapping):
+            missing = [n for n in self.tracked_names if n not in spec]
+            if missing:
+                raise ValueError(f"groups: no group label for tracked parameter(s) {missing}")
+            return {n: str(spec[n]) for n in self.tracked_names}
+        if callable(spec):
+            return {n: str(spec(n)) for n in self.tracked_names}
+        raise TypeError(f"groups: expected a str, mapping or callable, got {type(spec).__name__}")
+
+    @property
+    def group_names(self) -> list[str]:
+        """Group labels in order of first appearance among the tracked parameters."""
+        return list(dict.fromkeys(self.group_of[n] for n in self.tracked_names))
+
+    @property
+    def num_params(self) -> int:
+        named = dict(self.model.named_parameters())
+        return sum(named[n].numel() for n in self.tracked_names)
+
+    def tracked_params(self) -> Params:
+        """The current values of the tracked parameters, detached: ``dict[name, Tensor]``."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.tracked_names}
+
+    def target_sign(self) -> float:
+        """-1 for a target to raise, +1 for a loss to lower: ``g_q = sign * grad target``."""
+        return 1.0 if self.target_goal == "lower" else -1.0
+
+    def require_target(self) -> TargetFn:
+        if self.target is None:
+            raise ValueError("target: this Task has no target; pass target=(params, batch) -> Tensor")
+        return self.target
