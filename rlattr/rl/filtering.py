@@ -1,0 +1,247 @@
+"""Selection rules for iterative influence-based filtering (IIF).
+
+A rule looks at one round's scores (positive = the record helps the target) and decides which
+records the update keeps. Every rule keeps at least ``min_keep`` records: when it would keep
+fewer, it keeps the ``min_keep`` best-scored ones instead and says so in ``FilterResult.note``.
+Rules are pure functions of the scores (and, for :class:`RandomDrop`, of their own seeded
+generator): they never touch the global RNG, so filtering does not perturb the training run.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class FilterResult:
+    """What a rule decided for one round.
+
+    Attributes:
+        keep: ``Tensor[n]`` of bool, True for kept records (in the order of the scores given).
+        threshold: the score below which records were dropped (``nan`` when not threshold-based).
+        note: a human-readable remark, e.g. that ``min_keep`` overrode the rule; empty otherwise.
+    """
+
+    keep: Tensor
+    threshold: float = math.nan
+    note: str = ""
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def n_dropped(self) -> int:
+        return int((~self.keep).sum())
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.n_kept / max(1, self.keep.numel())
+
+
+def _check_scores(scores: Tensor) -> Tensor:
+    if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"scores: expected a non-empty Tensor[n], got {shape}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores: contains NaN or inf; refusing to filter on them")
+    return scores.detach().double().cpu()
+
+
+def _keep_best(scores: Tensor, k: int) -> Tensor:
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+    return keep
+
+
+class SelectionRule(ABC):
+    """Base class: ``rule(scores) -> FilterResult``; subclasses implement :meth:`_keep`."""
+
+    name = "rule"
+
+    def __init__(self, *, min_keep: int = 1) -> None:
+        if not isinstance(min_keep, int) or min_keep < 1:
+            raise ValueError(f"min_keep: must be an int >= 1, got {min_keep!r}")
+        self.min_keep = min_keep
+
+    @abstractmethod
+    def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
+        """Keep mask and threshold for float64 CPU scores."""
+
+    def __call__(self, scores: Tensor) -> FilterResult:
+        s = _check_scores(scores)
+        keep, threshold = self._keep(s)
+        floor = min(self.min_keep, s.numel())
+        if int(keep.sum()) < floor:
+            note = (
+                f"{self.name}: would keep {int(keep.sum())} of {s.numel()} records, fewer than "
+                f"min_keep={self.min_keep}; keeping the {floor} best-scored records instead"
+            )
+            return FilterResult(_keep_best(s, floor), threshold, note)
+        return FilterResult(keep, threshold)
+
+    def config(self) -> dict[str, Any]:
+        return {"rule": self.name, "min_keep": self.min_keep}
+
+
+def _fraction(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}: must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+class NegBottom(SelectionRule):
+    """The paper's rule (Algorithm 1): drop the most negative ``p`` fraction of the negative records.
+
+    ``threshold = sorted(scores)[int(n_negative * p)]``; records scoring below it are dropped.
+    ``p = 1`` drops every negative record.
+    """
+
+    name = "neg-bottom"
+
+    def __init__(self, p: float, *, min_keep: int = 1) -> None:
+        super().__init__(min_keep=min_keep)
+        self.p = _fraction("p", p)
+
+    def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
+        n_neg = int((scores < 0).sum())
+        idx = int(n_neg * self.p)
+        ordered = torch.sort(scores).values
+        if idx >= scores.numel():
+            return torch.zeros_like(scores, dtype=torch.bool), math.inf
+        threshold = float(ordered[idx])
+        return scores >= threshold, threshold
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "p": self.p}
+
+
+class BottomFraction(SelectionRule):
+    """Drop the ``q`` fraction of records with the lowest scores, whatever their sign."""
+
+    name = "bottom-fraction"
+
+    def __init__(self, q: float, *, min_keep: int = 1) -> None:
+        super().__init__(min_keep=min_keep)
+        self.q = _fraction("q", q)
+
+    def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
+        n_drop = int(scores.numel() * self.q)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        order = torch.argsort(scores, stable=True)
+        keep[order[:n_drop]] = False
+        threshold = float(scores[order[n_drop]]) if n_drop < scores.numel() else math.inf
+        return keep, threshold
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "q": self.q}
+
+
+class Threshold(SelectionRule):
+    """Drop every record whose score is below ``t``."""
+
+    name = "threshold"
+
+    def __init__(self, t: float, *, min_keep: int = 1) -> None:
+        super().__init__(min_keep=min_keep)
+        if not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"t: must be a finite number, got {t!r}")
+        self.t = float(t)
+
+    def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
+        return scores >= self.t, self.t
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "t": self.t}
+
+
+class TopK(SelectionRule):
+    """Keep the ``k`` best-scored records (ties broken by position)."""
+
+    name = "top-k"
+
+    def __init__(self, k: int, *, min_keep: int = 1) -> None:
+        super().__init__(min_keep=min_keep)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: must be an int >= 1, got {k!r}")
+        self.k = k
+
+    def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
+        keep = _keep_best(scores, min(self.k, scores.numel()))
+        return keep, float(scores[keep].min())
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k": self.k}
+
+
+class RandomDrop(SelectionRule):
+    """Baseline: drop as many records as ``shadow`` would (or a fraction ``q``), chosen at random.
+
+    Uses its own ``torch.Generator`` seeded with ``seed``; the global RNG is untouched.
+    """
+
+    name = "random"
+
+    def __init__(
+        self, shadow: SelectionRule | None = None, *, q: float | None = None, seed: int = 0, min_keep: int = 1
+    ) -> None:
+        super().__init__(min_keep=min_keep)
+        if (shadow is None) == (q is None):
+            raise ValueError("RandomDrop: give exactly one of shadow (a SelectionRule) or q (a fraction)")
+        if shadow is not None and not isinstance(shadow, SelectionRule):
+            raise TypeError(f"shadow: expected a SelectionRule, got {type(shadow).__name__}")
+        self.shadow = shadow
+        self.q = None if q is None else _fraction("q", q)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+
+    def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
+        n = scores.numel()
+        n_drop = self.shadow(scores).n_dropped if self.shadow is not None else int(n * (self.q or 0.0))
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[torch.randperm(n, generator=self.generator)[:n_drop]] = False
+        return keep, math.nan
+
+    def __call__(self, scores: Tensor) -> FilterResult:
+        s = _check_scores(scores)
+        keep, threshold = self._keep(s)
+        floor = min(self.min_keep, s.numel())
+        if int(keep.sum()) < floor:
+            extra = torch.nonzero(~keep).flatten()[: floor - int(keep.sum())]
+            keep[extra] = True
+            return FilterResult(keep, threshold, f"random: raised to min_keep={self.min_keep} records")
+        return FilterResult(keep, threshold)
+
+    def config(self) -> dict[str, Any]:
+        shadow = self.shadow.config() if self.shadow is not None else None
+        return {**super().config(), "shadow": shadow, "q": self.q, "seed": self.seed}
+
+
+RULES: dict[str, type[SelectionRule]] = {
+    cls.name: cls for cls in (NegBottom, BottomFraction, Threshold, TopK, RandomDrop)
+}
+
+
+def make_rule(name: str, **kwargs: Any) -> SelectionRule:
+    """Build a rule by name: ``make_rule("neg-bottom", p=0.125, min_keep=64)``.
+
+    ``make_rule("random", like="neg-bottom", p=0.5, seed=0)`` builds a RandomDrop that shadows the
+    named rule.
+    """
+    if name not in RULES:
+        raise ValueError(f"drop: got {name!r}; supported: {sorted(RULES)}")
+    if name == "random" and "like" in kwargs:
+        like = kwargs.pop("like")
+        seed = kwargs.pop("seed", 0)
+        min_keep = kwargs.get("min_keep", 1)
+        return RandomDrop(make_rule(like, **kwargs), seed=seed, min_keep=min_keep)
+    try:
+        return RULES[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"drop={name!r}: bad arguments {kwargs} ({err})") from err
