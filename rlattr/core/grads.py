@@ -36,7 +36,9 @@ def batch_size(batch: Batch) -> int:
         raise ValueError("batch: expected a pytree holding at least one tensor, got none")
     sizes = {x.shape[0] if x.dim() else -1 for x in leaves}
     if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(f"batch: tensor leaves must share a leading record dimension, got sizes {sorted(sizes)}")
+        raise ValueError(
+            f"batch: tensor leaves must share a leading record dimension, got sizes {sorted(sizes)}"
+        )
     n = sizes.pop()
     if n == 0:
         raise ValueError("batch: empty (0 records)")
@@ -68,7 +70,9 @@ def _check_finite(what: str, values: Tensor | dict[str, Tensor]) -> None:
     for name, v in items:
         if not torch.isfinite(v).all():
             where = f" (parameter {name!r})" if name else ""
-            raise FloatingPointError(f"{what}: non-finite values (NaN or inf){where}; check the loss and inputs")
+            raise FloatingPointError(
+                f"{what}: non-finite values (NaN or inf){where}; check the loss and inputs"
+            )
 
 
 def _resolve_params(task: Task, params: Params | None) -> Params:
@@ -217,9 +221,7 @@ def directional_scores(
         raise ValueError(f"direction: missing tracked parameter(s) {missing}, wrong shape for {bad}")
     n = batch_size(batch)
     groups = task.group_names if by_group else ["*"]
-    members = {
-        g: [k for k in task.tracked_names if not by_group or task.group_of[k] == g] for g in groups
-    }
+    members = {g: [k for k in task.tracked_names if not by_group or task.group_of[k] == g] for g in groups}
     out = torch.empty(n, len(groups), dtype=next(iter(p.values())).dtype)
     for start, stop in _chunks(n, chunk_size):
         chunk = slice_batch(batch, start, stop)
@@ -232,9 +234,7 @@ def directional_scores(
     return out if by_group else out[:, 0]
 
 
-def group_dots(
-    task: Task, grads: dict[str, Tensor], direction: Params
-) -> Tensor:
+def group_dots(task: Task, grads: dict[str, Tensor], direction: Params) -> Tensor:
     """Per-group dot products of per-record gradients with one direction: ``Tensor[n, G]``."""
     cols = []
     for g in task.group_names:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]
@@ -107,7 +106,9 @@ class Task:
         spec = self.groups
         if isinstance(spec, str):
             if spec not in _GROUPERS:
-                raise ValueError(f"groups: got {spec!r}; supported: {sorted(_GROUPERS)}, a mapping or a callable")
+                raise ValueError(
+                    f"groups: got {spec!r}; supported: {sorted(_GROUPERS)}, a mapping or a callable"
+                )
             fn = _GROUPERS[spec]
             return {n: fn(n) for n in self.tracked_names}
         if isinstance(spec, Mapping):

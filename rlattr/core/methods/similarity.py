@@ -24,7 +24,9 @@ class GradDot(Attributor):
 
     normalize = False
 
-    def __init__(self, task: Task, *, projector: RandomProjection | None = None, chunk_size: int = 128) -> None:
+    def __init__(
+        self, task: Task, *, projector: RandomProjection | None = None, chunk_size: int = 128
+    ) -> None:
         super().__init__(task, chunk_size=chunk_size)
         if projector is not None and projector.dim_in != task.num_params:
             raise ValueError(
