@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from rlattr.core.grads import flatten, iter_per_record_grads, target_grads
 from rlattr.core.projection import RandomProjection
@@ -33,6 +34,41 @@ def query_grads(task: Task, query: Batch, *, params: Params | None = None, chunk
     return torch.cat(parts)
 
 
+def group_masks(task: Task) -> Tensor:
+    """``Tensor[G, d]`` of 0/1: which flat parameter coordinates belong to each group."""
+    named = dict(task.model.named_parameters())
+    sizes = [named[n].numel() for n in task.tracked_names]
+    groups = task.group_names
+    masks = torch.zeros(len(groups), sum(sizes))
+    start = 0
+    for name, size in zip(task.tracked_names, sizes):
+        masks[groups.index(task.group_of[name]), start : start + size] = 1.0
+        start += size
+    return masks
+
+
+def batch_signature(batch: Batch) -> tuple[object, list[tuple[tuple[int, ...], torch.dtype] | None]]:
+    """The structure of a batch without its record count: tree spec and per-leaf trailing shape."""
+    leaves, spec = tree_flatten(batch)
+    return spec, [(tuple(x.shape[1:]), x.dtype) if isinstance(x, Tensor) else None for x in leaves]
+
+
+def check_query(query: Batch, expected: tuple[object, list[object]] | None) -> None:
+    """Raise a ValueError naming ``query`` if its structure differs from the training records'."""
+    if expected is None:
+        return
+    spec, leaves = batch_signature(query)
+    if spec != expected[0]:
+        raise ValueError(
+            f"query: expected a batch structured like the training records ({expected[0]}), got {spec}"
+        )
+    for j, (got, want) in enumerate(zip(leaves, expected[1])):
+        if got is not None and want is not None and got[0] != want[0]:  # type: ignore[index]
+            raise ValueError(
+                f"query: leaf {j} has per-record shape {got[0]}, but the training records have {want[0]}"  # type: ignore[index]
+            )
+
+
 class Attributor(ABC):
     """Base class: featurise training records once, score many queries."""
 
@@ -42,6 +78,7 @@ class Attributor(ABC):
         self.task = task
         self.chunk_size = chunk_size
         self._train: Tensor | None = None
+        self._signature: tuple[object, list[object]] | None = None
 
     @abstractmethod
     def cache(self, train: Batch) -> Attributor:
@@ -56,7 +93,32 @@ class Attributor(ABC):
             raise RuntimeError(f"{type(self).__name__}.attribute: call cache(train) first")
         return self._train
 
+    def query_vectors(self, query: Batch) -> list[Tensor]:
+        """The query side before any kernel: one ``Tensor[m, d]`` per model / checkpoint.
+
+        Together with :meth:`score_vectors` (linear in these vectors) this lets a score be split
+        into per-parameter-group contributions (:meth:`attribute_by_group`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not split its scores by parameter group")
+
+    def score_vectors(self, vectors: list[Tensor]) -> Tensor:
+        """Scores ``Tensor[m, n]`` of query vectors (as returned by :meth:`query_vectors`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its scores by parameter group")
+
+    def attribute_by_group(self, query: Batch) -> Tensor:
+        """Per-group contributions ``Tensor[m, n, G]`` (groups of ``task.group_names``).
+
+        Column g scores the query vectors restricted to group g's parameters; the columns sum to
+        :meth:`attribute`.
+        """
+        vectors = self.query_vectors(query)
+        cols = []
+        for mask in group_masks(self.task):
+            cols.append(self.score_vectors([v * mask.to(v.dtype) for v in vectors]))
+        return torch.stack(cols, dim=-1)
+
     def _train_features(self, train: Batch, projector: RandomProjection | None) -> Tensor:
+        self._signature = batch_signature(train)  # type: ignore[assignment]
         rows = []
         for _, _, g in iter_per_record_grads(self.task, train, chunk_size=self.chunk_size):
             flat = flatten(g, self.task.tracked_names)

@@ -50,6 +50,20 @@ class GradDot(Attributor):
             q = self.projector.project(q)
         return self._prepare(q) @ train.T.to(q.dtype)
 
+    def query_vectors(self, query: Batch) -> list[Tensor]:
+        q = query_grads(self.task, query, chunk_size=self.chunk_size)
+        if self.normalize:
+            proj = self.projector.project(q) if self.projector is not None else q
+            q = q / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return [q]
+
+    def score_vectors(self, vectors: list[Tensor]) -> Tensor:
+        train = self._require_cache()
+        q = vectors[0]
+        if self.projector is not None:
+            q = self.projector.project(q)
+        return q @ train.T.to(q.dtype)
+
 
 class GradCos(GradDot):
     """Cosine of ``g_q`` and ``g_i`` (exact or projected)."""

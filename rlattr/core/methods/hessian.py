@@ -1,0 +1,241 @@
+"""The Hessian of a Task's training objective, and inverse-Hessian solvers over it.
+
+The objective is the *mean* per-record loss plus an L2 term, as :mod:`rlattr.core.supervised`
+trains it:
+
+    F(theta) = (1 / N) sum_i l_i(theta) + (l2 / 2) ||theta||^2,   H = (1 / N) sum_i hess l_i + l2 I.
+
+``shift`` below is ``l2 + damping``: the objective's own L2 term plus any numerical damping.
+Parameters are handled as one flat vector (d numbers) in the order of ``task.tracked_names``.
+
+Solvers map ``B: Tensor[d, k]`` to ``H^-1 B``; they form a strategy table (:data:`SOLVERS`):
+``"explicit"`` (dense Hessian, Cholesky), ``"cg"`` (conjugate gradient, all columns at once) and
+``"lissa"`` (the stochastic Neumann-series recursion of Agarwal et al.). EK-FAC lives in
+:mod:`rlattr.core.methods.ekfac`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from rlattr.core.grads import _resolve_params, batch_size, slice_batch
+from rlattr.core.task import Batch, Params, Task
+
+
+class ParamLayout:
+    """Where each tracked tensor lives in the flat parameter vector."""
+
+    def __init__(self, params: Params, names: list[str]) -> None:
+        self.names = list(names)
+        self.shapes = {n: params[n].shape for n in names}
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for n in names:
+            size = params[n].numel()
+            self.slices[n] = slice(start, start + size)
+            start += size
+        self.dim = start
+
+    def flatten(self, params: Params) -> Tensor:
+        """``dict[name, Tensor[*shape]] -> Tensor[d]``."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, vec: Tensor) -> Params:
+        """``Tensor[d] -> dict[name, Tensor[*shape]]`` (views of ``vec``)."""
+        return {n: vec[self.slices[n]].reshape(self.shapes[n]) for n in self.names}
+
+
+class ObjectiveHessian:
+    """``H = (1 / normalizer) sum_i hess l_i(theta) + shift I`` as a linear operator.
+
+    Args:
+        task: the Task; its ``loss`` gives ``l_i``.
+        batch: the records the sum runs over.
+        params: where H is taken (default: the model's current tracked parameters).
+        shift: ``l2 + damping``, added to the diagonal.
+        normalizer: the N of the mean (default: the number of records in ``batch``).
+        chunk_size: records per Hessian-vector-product pass (bounds memory).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        batch: Batch,
+        *,
+        params: Params | None = None,
+        shift: float = 0.0,
+        normalizer: int | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
+        if shift < 0 or not math.isfinite(shift):
+            raise ValueError(f"damping: l2 + damping must be a finite number >= 0, got {shift}")
+        self.task, self.batch, self.shift = task, batch, float(shift)
+        p = _resolve_params(task, params)
+        self.layout = ParamLayout(p, task.tracked_names)
+        self.theta = self.layout.flatten(p)
+        self.n = batch_size(batch)
+        self.normalizer = self.n if normalizer is None else int(normalizer)
+        self.chunk_size = chunk_size
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    def _hvp_chunk(self, chunk: Batch, vs: Tensor) -> Tensor:
+        def total(theta: Tensor) -> Tensor:
+            return self.task.loss(self.layout.unflatten(theta), chunk).sum()
+
+        def hvp(v: Tensor) -> Tensor:
+            return jvp(grad(total), (self.theta,), (v,))[1]
+
+        return vmap(hvp)(vs)
+
+    def matvec(self, v: Tensor, indices: Tensor | None = None) -> Tensor:
+        """``H v`` for ``v: Tensor[d, k]``; with ``indices``, the Hessian of those records only
+        (normalised by their count), as LiSSA's minibatches use it."""
+        vs = v.T.to(self.theta.dtype).contiguous()
+        batch = self.batch
+        if indices is not None:
+            from torch.utils._pytree import tree_map
+
+            batch = tree_map(lambda x: x[indices] if isinstance(x, Tensor) else x, batch)
+        n = batch_size(batch)
+        out = torch.zeros_like(vs)
+        for start in range(0, n, self.chunk_size):
+            out += self._hvp_chunk(slice_batch(batch, start, min(start + self.chunk_size, n)), vs)
+        norm = self.normalizer if indices is None else n
+        return (out / norm + self.shift * vs).T
+
+    def dense(self, block: int = 256) -> Tensor:
+        """The whole ``Tensor[d, d]`` (small models only), symmetrised."""
+        d = self.dim
+        eye = torch.eye(d, dtype=self.theta.dtype)
+        cols = [self.matvec(eye[:, s : s + block]) for s in range(0, d, block)]
+        h = torch.cat(cols, dim=1)
+        return 0.5 * (h + h.T)
+
+    def max_eigenvalue(self, iters: int = 30, seed: int = 0) -> float:
+        """Power-iteration estimate of the largest eigenvalue of H."""
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(self.dim, 1, generator=gen, dtype=self.theta.dtype)
+        lam = 0.0
+        for _ in range(iters):
+            w = self.matvec(v / v.norm())
+            lam = float((v / v.norm()).T @ w)
+            v = w
+        return abs(lam)
+
+
+class ExplicitSolver:
+    """Dense damped Hessian, Cholesky factorised once. For models of up to a few thousand parameters."""
+
+    def __init__(self, hessian: ObjectiveHessian, *, block: int = 256, rtol: float = 1e-10) -> None:
+        h = hessian.dense(block=block)
+        chol, info = torch.linalg.cholesky_ex(h)
+        diag = torch.diagonal(chol) if int(info) == 0 else None
+        scale = float(torch.diagonal(h).abs().max())
+        if diag is None or float(diag.min()) ** 2 <= rtol * max(scale, 1e-300):
+            low = float(torch.linalg.eigvalsh(h)[0])
+            raise ValueError(
+                f"damping: the Hessian plus l2 + damping ({hessian.shift:g}) is singular or not positive "
+                f"definite (smallest eigenvalue {low:.3g}); pass l2= (the objective's L2) or a damping > 0"
+            )
+        self.chol = chol
+
+    def solve(self, b: Tensor) -> Tensor:
+        """``H^-1 b`` for ``b: Tensor[d, k]``."""
+        return torch.cholesky_solve(b.to(self.chol.dtype), self.chol)
+
+
+class CGSolver:
+    """Conjugate gradient on every column of B at once, with Hessian-vector products only."""
+
+    def __init__(self, hessian: ObjectiveHessian, *, max_iter: int = 200, tol: float = 1e-8) -> None:
+        if max_iter < 1:
+            raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
+        self.h, self.max_iter, self.tol = hessian, max_iter, tol
+        self.iterations = 0
+
+    def solve(self, b: Tensor) -> Tensor:
+        b = b.to(self.h.theta.dtype)
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = (r * r).sum(0)
+        stop = self.tol**2 * rs.clamp_min(1e-300)
+        for it in range(self.max_iter):
+            if bool((rs <= stop).all()):
+                break
+            hp = self.h.matvec(p)
+            curv = (p * hp).sum(0)
+            active = rs > stop
+            if bool((curv[active] <= 0).any()):
+                raise ValueError(
+                    "damping: conjugate gradient met non-positive curvature (the Hessian plus l2 + damping "
+                    f"= {self.h.shift:g} is not positive definite); increase damping"
+                )
+            alpha = torch.where(active, rs / curv.where(active, torch.ones_like(curv)), 0.0)
+            x += alpha * p
+            r -= alpha * hp
+            rs_new = (r * r).sum(0)
+            p = r + torch.where(active, rs_new / rs.clamp_min(1e-300), 0.0) * p
+            rs = rs_new
+            self.iterations = it + 1
+        return x
+
+
+class LiSSASolver:
+    """LiSSA: ``h_t = b + (I - H_t / scale) h_{t-1}``, ``H^-1 b ~ h_T / scale``, averaged over repeats.
+
+    ``H_t`` is the Hessian on a random minibatch of ``batch_size`` records (the full batch, and a
+    deterministic recursion, when ``None``). The recursion converges when ``scale`` exceeds the
+    largest eigenvalue of H; ``scale=None`` takes 1.5 x a power-iteration estimate.
+    """
+
+    def __init__(
+        self,
+        hessian: ObjectiveHessian,
+        *,
+        depth: int = 1000,
+        scale: float | None = None,
+        batch_size: int | None = None,
+        repeats: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if depth < 1 or repeats < 1:
+            raise ValueError(f"depth, repeats: must be >= 1, got {depth}, {repeats}")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale: must be > 0, got {scale}")
+        if batch_size is not None and not 1 <= batch_size <= hessian.n:
+            raise ValueError(f"batch_size: must be in [1, {hessian.n}], got {batch_size}")
+        self.h, self.depth, self.batch_size, self.repeats, self.seed = (
+            hessian,
+            depth,
+            batch_size,
+            repeats,
+            seed,
+        )
+        self.scale = 1.5 * hessian.max_eigenvalue() if scale is None else float(scale)
+
+    def solve(self, b: Tensor) -> Tensor:
+        b = b.to(self.h.theta.dtype)
+        gen = torch.Generator().manual_seed(self.seed)
+        total = torch.zeros_like(b)
+        for _ in range(self.repeats):
+            est = b.clone()
+            for _ in range(self.depth):
+                idx = None
+                if self.batch_size is not None:
+                    idx = torch.randperm(self.h.n, generator=gen)[: self.batch_size]
+                est = b + est - self.h.matvec(est, idx) / self.scale
+            total += est / self.scale
+        return total / self.repeats
+
+
+SolverBuilder = Callable[..., ExplicitSolver | CGSolver | LiSSASolver]
+SOLVERS: dict[str, SolverBuilder] = {"explicit": ExplicitSolver, "cg": CGSolver, "lissa": LiSSASolver}

@@ -1,0 +1,148 @@
+"""Influence functions (Koh & Liang 2017): ``score(q, i) = g_q^T H^-1 g_i``.
+
+H is the Hessian of the training objective ``(1/N) sum_i l_i + (l2 / 2) ||theta||^2`` at the
+model's parameters, plus ``damping``: pass the objective's own L2 coefficient as ``l2`` so the
+Hessian is the objective's. Removing record i moves the query loss by about ``+score / N``
+(positive = the record helps the query). The inverse is applied to the query side (m solves,
+however many training records), by one of the strategies of :data:`STRATEGIES`:
+
+* ``"explicit"``: dense Hessian and Cholesky (models of up to a few thousand parameters);
+  options ``block``, ``rtol``.
+* ``"cg"``: conjugate gradient with Hessian-vector products; options ``max_iter``, ``tol``.
+* ``"lissa"``: LiSSA recursion; options ``depth``, ``scale``, ``batch_size``, ``repeats``, ``seed``.
+* ``"ekfac"``: EK-FAC for Linear / Conv2d layers; options ``fisher_loss``, ``chunk_size``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlattr.core.methods.base import Attributor, check_query, query_grads
+from rlattr.core.methods.ekfac import EKFACSolver
+from rlattr.core.methods.hessian import SOLVERS, ObjectiveHessian
+from rlattr.core.task import Batch, Task
+
+
+def _hessian_solver(
+    task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, **opts: Any
+) -> Any:
+    return SOLVERS[strategy](ObjectiveHessian(task, batch, shift=shift, chunk_size=chunk_size), **opts)
+
+
+def _ekfac_solver(task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, **opts: Any) -> Any:
+    return EKFACSolver(task, batch, shift=shift, **opts)
+
+
+STRATEGIES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    # strategy -> (builder, the class whose keyword arguments are the strategy's options)
+    "explicit": (_hessian_solver, SOLVERS["explicit"]),
+    "cg": (_hessian_solver, SOLVERS["cg"]),
+    "lissa": (_hessian_solver, SOLVERS["lissa"]),
+    "ekfac": (_ekfac_solver, EKFACSolver),
+}
+
+
+def build_solver(
+    task: Task, batch: Batch, strategy: str, *, l2: float, damping: float, chunk_size: int, **options: Any
+) -> Any:
+    """An inverse-Hessian solver (``.solve(B: Tensor[d, k]) -> Tensor[d, k]``) for ``strategy``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
+    for name, value in (("l2", l2), ("damping", damping)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}: must be a number >= 0, got {value!r}")
+    builder, cls = STRATEGIES[strategy]
+    allowed = [
+        p
+        for p in inspect.signature(cls.__init__).parameters
+        if p not in ("self", "hessian", "task", "batch", "shift")
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"options: {unknown} not understood by strategy {strategy!r}; it takes {allowed}")
+    return builder(task, batch, float(l2) + float(damping), chunk_size, strategy, **options)
+
+
+class InfluenceFunction(Attributor):
+    """``g_q^T (H + damping I)^-1 g_i`` with H the training objective's Hessian.
+
+    Args:
+        task: the Task; its loss gives ``g_i`` and the Hessian, its target (or its loss on the
+            query records) gives ``g_q``.
+        strategy: ``"explicit"``, ``"cg"``, ``"lissa"`` or ``"ekfac"``.
+        l2: the L2 coefficient of the training objective (``(l2 / 2) ||theta||^2``); part of H.
+        damping: extra numerical damping added to H's diagonal.
+        hessian_data: records to estimate H on (default: the cached training records).
+        chunk_size: records per vmap chunk.
+        **options: the strategy's own options (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        strategy: str = "explicit",
+        l2: float = 0.0,
+        damping: float = 0.0,
+        hessian_data: Batch | None = None,
+        chunk_size: int = 128,
+        **options: Any,
+    ) -> None:
+        super().__init__(task, chunk_size=chunk_size)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
+        self.strategy, self.l2, self.damping = strategy, l2, damping
+        self.hessian_data, self.options = hessian_data, options
+        self.solver: Any = None
+
+    def cache(self, train: Batch) -> InfluenceFunction:
+        data = train if self.hessian_data is None else self.hessian_data
+        self.solver = build_solver(
+            self.task,
+            data,
+            self.strategy,
+            l2=self.l2,
+            damping=self.damping,
+            chunk_size=max(self.chunk_size, 256),
+            **self.options,
+        )
+        self._train = self._train_features(train, None)
+        return self
+
+    def query_vectors(self, query: Batch) -> list[Tensor]:
+        self._require_cache()
+        check_query(query, self._signature)
+        return [query_grads(self.task, query, chunk_size=self.chunk_size)]
+
+    def score_vectors(self, vectors: list[Tensor]) -> Tensor:
+        train = self._require_cache()
+        q = vectors[0]
+        if q.dim() != 2 or q.shape[1] != train.shape[1]:
+            raise ValueError(
+                f"query: expected gradients of shape (m, {train.shape[1]}), got {tuple(q.shape)}"
+            )
+        solved = self.solver.solve(q.T.to(train.dtype)).T
+        return solved @ train.T
+
+    def attribute(self, query: Batch) -> Tensor:
+        return self.score_vectors(self.query_vectors(query))
+
+    def inverse_hvp(self, vectors: Tensor) -> Tensor:
+        """``H^-1 v`` for ``vectors: Tensor[k, d]`` (rows), with the cached solver."""
+        self._require_cache()
+        return self.solver.solve(vectors.T).T
+
+
+def self_influence(attributor: InfluenceFunction) -> Tensor:
+    """``g_i^T H^-1 g_i`` for every cached training record: ``Tensor[n]`` (mislabel detection)."""
+    g = attributor._require_cache()
+    out = []
+    for start in range(0, g.shape[0], 256):
+        rows = g[start : start + 256]
+        out.append((attributor.inverse_hvp(rows) * rows).sum(1))
+    return torch.cat(out)

@@ -1,0 +1,206 @@
+"""Rescaled influence functions and the Newton step (Rubinstein & Hopkins, NeurIPS 2025).
+
+Objective ``F = (1/N) sum_j l_j + (l2 / 2) ||theta||^2`` with Hessian H (as in
+:mod:`rlattr.core.methods.influence`). Removing a set T of records while keeping the
+regulariser's total weight (``sum_{j not in T} l_j + (N l2 / 2) ||theta||^2``, i.e. retraining
+the mean objective with ``l2 * N / (N - |T|)``) moves the parameters, by one Newton step, by
+
+    dtheta_T = (1/N) (H - (1/N) sum_{i in T} hess l_i)^-1 sum_{i in T} g_i,
+
+where the influence function drops the ``hess l_i`` term. :class:`NewtonStep` computes dtheta_T
+with exact Hessians (small models); :class:`RescaledInfluence` computes the single-record case
+for every record at once, ``score(q, i) = N g_q^T dtheta_i`` (on the scale of
+:class:`InfluenceFunction`, to which it reduces as N grows), by the Woodbury identity with record
+i's Hessian written as ``J_i^T A_i J_i`` (J_i: Jacobian of the record's outputs z_i,
+A_i = d^2 loss / dz^2). For generalised linear models (logistic, multinomial logistic, linear
+regression) z is linear in theta, so this is exact: RIF equals the single-point Newton step. For
+other models it is the record's Gauss-Newton matrix (the curvature of the network's outputs is
+dropped). Without ``output`` / ``output_loss`` it falls back to the rank-one empirical Fisher
+``hess l_i ~ g_i g_i^T``: ``score = IF / (1 - g_i^T H^-1 g_i / N)``, an approximation even for GLMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import hessian, jacrev, vmap
+from torch.utils._pytree import tree_map
+
+from rlattr.core.grads import batch_size, slice_batch
+from rlattr.core.methods.base import Attributor, check_query, query_grads
+from rlattr.core.methods.hessian import ObjectiveHessian, ParamLayout
+from rlattr.core.methods.influence import InfluenceFunction
+from rlattr.core.task import Batch, Params, Task
+
+OutputFn = Callable[[Params, Batch], Tensor]
+OutputLossFn = Callable[[Tensor, Batch], Tensor]
+
+
+def record_curvature_factors(
+    task: Task, output: OutputFn, output_loss: OutputLossFn, batch: Batch, params: Params | None = None
+) -> tuple[Tensor, Tensor]:
+    """``J: Tensor[n, C, d]`` (output Jacobians) and ``A: Tensor[n, C, C]`` (loss Hessians in z)."""
+    p = task.tracked_params() if params is None else {k: params[k].detach() for k in task.tracked_names}
+    layout = ParamLayout(p, task.tracked_names)
+    theta = layout.flatten(p)
+
+    def out_one(th: Tensor, record: Batch) -> Tensor:
+        z = output(layout.unflatten(th), tree_map(lambda x: x.unsqueeze(0), record))
+        return z.reshape(-1)
+
+    def loss_one(z: Tensor, record: Batch) -> Tensor:
+        return output_loss(z.unsqueeze(0), tree_map(lambda x: x.unsqueeze(0), record)).reshape(())
+
+    jac = vmap(jacrev(out_one), in_dims=(None, 0))(theta, batch)
+    with torch.no_grad():
+        z = output(p, batch).reshape(jac.shape[0], -1)
+    a = vmap(hessian(loss_one))(z, batch)
+    return jac.detach(), a.detach()
+
+
+class RescaledInfluence(InfluenceFunction):
+    """RIF: ``N g_q^T dtheta_i`` for every training record i (see the module docstring).
+
+    Args:
+        task: the Task.
+        output: ``(params, batch) -> Tensor[n, C]``, the outputs the loss is a function of (logits);
+            with ``output_loss``, record Hessians are ``J^T A J`` (exact for GLMs).
+        output_loss: ``(z: Tensor[n, C], batch) -> Tensor[n]``, the per-record loss of the outputs.
+        strategy, l2, damping, hessian_data, chunk_size, **options: as :class:`InfluenceFunction`;
+            ``strategy`` solves with H for ``(C + 1) n`` vectors, so ``"explicit"`` suits it best.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        output: OutputFn | None = None,
+        output_loss: OutputLossFn | None = None,
+        strategy: str = "explicit",
+        l2: float = 0.0,
+        damping: float = 0.0,
+        hessian_data: Batch | None = None,
+        chunk_size: int = 128,
+        **options: Any,
+    ) -> None:
+        if (output is None) != (output_loss is None):
+            raise ValueError("output, output_loss: pass both (exact record Hessians) or neither (rank-one)")
+        super().__init__(
+            task,
+            strategy=strategy,
+            l2=l2,
+            damping=damping,
+            hessian_data=hessian_data,
+            chunk_size=chunk_size,
+            **options,
+        )
+        self.output, self.output_loss = output, output_loss
+        self.leverage: Tensor | None = None
+
+    def _chunk_rescaled(self, grads: Tensor, batch: Batch, n_total: int) -> tuple[Tensor, Tensor]:
+        if self.output is not None and self.output_loss is not None:
+            jac, a = record_curvature_factors(self.task, self.output, self.output_loss, batch)
+        else:
+            jac, a = grads[:, None, :], torch.ones(grads.shape[0], 1, 1, dtype=grads.dtype)
+        jac, a = jac.to(grads.dtype), a.to(grads.dtype) / n_total
+        b, c, d = jac.shape
+        u = self.solver.solve(grads.T).T
+        hj = self.solver.solve(jac.reshape(b * c, d).T).T.reshape(b, c, d)
+        lev = a @ torch.einsum("bcd,bed->bce", jac, hj)
+        m = torch.eye(c, dtype=grads.dtype) - lev
+        rhs = a @ torch.einsum("bcd,bd->bc", jac, u).unsqueeze(-1)
+        r = u + torch.einsum("bcd,bc->bd", hj, torch.linalg.solve(m, rhs).squeeze(-1))
+        return r, torch.linalg.eigvals(lev).real.max(dim=1).values
+
+    def cache(self, train: Batch) -> RescaledInfluence:
+        super().cache(train)
+        g = self._require_cache()
+        n_total = batch_size(train if self.hessian_data is None else self.hessian_data)
+        rows, levs = [], []
+        for start in range(0, g.shape[0], self.chunk_size):
+            stop = min(start + self.chunk_size, g.shape[0])
+            r, lev = self._chunk_rescaled(g[start:stop], slice_batch(train, start, stop), n_total)
+            rows.append(r)
+            levs.append(lev)
+        self.leverage = torch.cat(levs)
+        if bool((self.leverage >= 1).any()):
+            raise ValueError(
+                "damping: some records have leverage >= 1 (their removal makes the Hessian singular); "
+                "increase damping"
+            )
+        self._train = torch.cat(rows)
+        return self
+
+    def score_vectors(self, vectors: list[Tensor]) -> Tensor:
+        train = self._require_cache()
+        q = vectors[0]
+        if q.dim() != 2 or q.shape[1] != train.shape[1]:
+            raise ValueError(
+                f"query: expected gradients of shape (m, {train.shape[1]}), got {tuple(q.shape)}"
+            )
+        return q.to(train.dtype) @ train.T
+
+
+class NewtonStep(Attributor):
+    """The exact Newton step for removing a set of records, with dense Hessians (small models).
+
+    Args:
+        task: the Task.
+        l2: the objective's L2 coefficient; damping: extra diagonal damping.
+        chunk_size: records per vmap chunk.
+    """
+
+    def __init__(self, task: Task, *, l2: float = 0.0, damping: float = 0.0, chunk_size: int = 128) -> None:
+        super().__init__(task, chunk_size=chunk_size)
+        if l2 < 0 or damping < 0:
+            raise ValueError(f"l2, damping: must be >= 0, got {l2}, {damping}")
+        self.shift = float(l2 + damping)
+        self._batch: Batch | None = None
+        self._hessian: Tensor | None = None
+
+    def cache(self, train: Batch) -> NewtonStep:
+        self._train = self._train_features(train, None)
+        self._batch = train
+        self._hessian = ObjectiveHessian(self.task, train, shift=self.shift).dense()
+        return self
+
+    def _mask(self, remove: Tensor | list[int]) -> Tensor:
+        n = self._require_cache().shape[0]
+        idx = torch.as_tensor(remove)
+        if idx.dtype == torch.bool:
+            if idx.shape != (n,):
+                raise ValueError(f"remove: a boolean mask must have shape ({n},), got {tuple(idx.shape)}")
+            idx = idx.nonzero().reshape(-1)
+        if idx.numel() == 0 or idx.min() < 0 or idx.max() >= n:
+            raise ValueError(
+                f"remove: expected a non-empty set of record indices in [0, {n}), got {remove!r}"
+            )
+        return idx
+
+    def param_change(self, remove: Tensor | list[int]) -> Tensor:
+        """``dtheta_T: Tensor[d]`` for removing the records ``remove`` (indices or a bool mask)."""
+        g, idx = self._require_cache(), self._mask(remove)
+        assert self._hessian is not None
+        n = g.shape[0]
+        sub = tree_map(lambda x: x[idx] if isinstance(x, Tensor) else x, self._batch)
+        removed = ObjectiveHessian(self.task, sub, normalizer=n).dense()
+        h_t = self._hessian - removed
+        return torch.linalg.solve(h_t, g[idx].sum(0).to(h_t.dtype)) / n
+
+    def removal_effect(self, query: Batch, removals: list[Tensor | list[int]]) -> Tensor:
+        """``g_q^T dtheta_T``, first-order change of each query loss: ``Tensor[m, len(removals)]``."""
+        check_query(query, self._signature)
+        q = query_grads(self.task, query, chunk_size=self.chunk_size)
+        steps = torch.stack([self.param_change(r) for r in removals], dim=1)
+        return q.to(steps.dtype) @ steps
+
+    def attribute(self, query: Batch) -> Tensor:
+        """Single-record Newton steps on the influence scale: ``N g_q^T dtheta_i``, ``Tensor[m, n]``."""
+        n = self._require_cache().shape[0]
+        return n * self.removal_effect(query, [[i] for i in range(n)])
+
+
+__all__ = ["NewtonStep", "RescaledInfluence", "record_curvature_factors"]
