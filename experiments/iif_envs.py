@@ -1,0 +1,200 @@
+"""Environments, models and per-round evaluation for the IIF sample-efficiency study.
+
+Used by ``experiments/iif_sample_efficiency.py``; one (method, seed) run is :func:`run_one`.
+Methods: ``ppo`` (standard SB3 PPO), ``iif`` (IIFCallback, neg-bottom p) and ``random``
+(IIFCallback with a random drop of as many records as neg-bottom would drop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from rlattr.callbacks.sb3_iif import IIFCallback
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from torch import nn
+
+METHODS = ("ppo", "iif", "random")
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
+class MiniGridCNN(BaseFeaturesExtractor):
+    """The paper's MiniGrid network: conv 16 (3x3), conv 32 (3x3), then a 64-unit linear layer.
+
+    Input ``Tensor[B, 3, 7, 7]`` (SB3 transposes the 7x7x3 symbolic image channel-first); the cell
+    codes (object, colour, state; all <= 10) are divided by 10. Output ``Tensor[B, 64]``.
+    """
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 64) -> None:
+        super().__init__(observation_space, features_dim)
+        channels, height, width = observation_space.shape
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 16, 3),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * (height - 4) * (width - 4), features_dim),
+            nn.ReLU(),
+        )
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.net(observations / 10.0)
+
+
+def _wrap(env: gym.Env, wrapper: str | None) -> gym.Env:
+    if wrapper is None:
+        return env
+    if wrapper == "minigrid-image":
+        from minigrid.wrappers import ImgObsWrapper
+
+        return ImgObsWrapper(env)
+    raise ValueError(f"wrapper: got {wrapper!r}; supported: None, 'minigrid-image'")
+
+
+def env_factory(cfg: dict[str, Any]) -> Callable[[], gym.Env]:
+    """A thunk building one monitored environment of the config."""
+    if cfg["env_id"].startswith("MiniGrid"):
+        import minigrid  # noqa: F401  (registers the MiniGrid ids)
+    if cfg["env_id"].startswith("highway"):
+        import highway_env  # noqa: F401
+
+    def make() -> gym.Env:
+        return Monitor(_wrap(gym.make(cfg["env_id"], **cfg.get("env_kwargs", {})), cfg.get("wrapper")))
+
+    return make
+
+
+def build_model(cfg: dict[str, Any], seed: int) -> PPO:
+    """SB3 PPO at the config's settings (policy, optimiser, PPO hyperparameters), seeded."""
+    policy_kwargs: dict[str, Any] = {"optimizer_class": OPTIMIZERS[cfg["optimizer"]]}
+    if cfg["policy"] == "minigrid-cnn":
+        policy_kwargs.update(
+            features_extractor_class=MiniGridCNN, normalize_images=False, net_arch=dict(pi=[], vf=[])
+        )
+    else:
+        policy_kwargs["net_arch"] = dict(pi=list(cfg["net_arch"]), vf=list(cfg["net_arch"]))
+    env = DummyVecEnv([env_factory(cfg)] * int(cfg["n_envs"]))
+    return PPO(
+        "MlpPolicy", env, seed=seed, device="cpu", policy_kwargs=policy_kwargs, verbose=0, **cfg["ppo"]
+    )
+
+
+def evaluate(model: PPO, env: VecEnv, episodes: int, seed: int) -> tuple[float, float]:
+    """Mean and std of the return of ``episodes`` stochastic-policy episodes.
+
+    Runs in its own torch RNG stream (seeded with ``seed``) so that evaluation never changes the
+    training run's random numbers. ``env`` holds ``min(episodes, n)`` parallel copies; each copy
+    runs ``episodes / n`` episodes so that short episodes do not crowd out long ones.
+    """
+    n = env.num_envs
+    targets = np.array([(episodes + i) // n for i in range(n)])
+    counts, returns, current = np.zeros(n, int), [], np.zeros(n)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        env.seed(seed)
+        obs = env.reset()
+        while (counts < targets).any():
+            actions, _ = model.predict(obs, deterministic=False)
+            obs, rewards, dones, _ = env.step(actions)
+            current += rewards
+            for i in np.flatnonzero(dones):
+                if counts[i] < targets[i]:
+                    returns.append(current[i])
+                    counts[i] += 1
+                current[i] = 0.0
+    return float(np.mean(returns)), float(np.std(returns))
+
+
+class RoundRecorder(BaseCallback):
+    """Evaluates each round's updated policy and times the rounds (evaluation time excluded).
+
+    ``curve[r]``, ``curve_std[r]``: return of the policy after round r + 1; ``seconds[r]``:
+    cumulative training seconds (rollout + scoring + update) up to round r + 1; ``rollout[r]``:
+    mean return of the episodes that ended during round r + 1's rollout (nan if none).
+    """
+
+    def __init__(self, eval_env: VecEnv, episodes: int, seed: int, log_every: int = 10) -> None:
+        super().__init__()
+        self.eval_env, self.episodes, self.eval_seed, self.log_every = eval_env, episodes, seed, log_every
+        self.curve: list[float] = []
+        self.curve_std: list[float] = []
+        self.seconds: list[float] = []
+        self.rollout: list[float] = []
+        self.eval_seconds = 0.0
+        self._t0 = 0.0
+        self._round_returns: list[float] = []
+
+    def _on_training_start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", []):
+            if "episode" in info:
+                self._round_returns.append(float(info["episode"]["r"]))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rollout.append(float(np.mean(self._round_returns)) if self._round_returns else float("nan"))
+        self._round_returns = []
+
+    def _on_rollout_start(self) -> None:
+        if len(self.rollout) > len(self.curve):
+            self._evaluate()
+
+    def _on_training_end(self) -> None:
+        if len(self.rollout) > len(self.curve):
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        start = time.perf_counter()
+        self.seconds.append(start - self._t0 - self.eval_seconds)
+        r = len(self.curve)
+        mean, std = evaluate(self.model, self.eval_env, self.episodes, self.eval_seed * 100_003 + r)
+        self.curve.append(mean)
+        self.curve_std.append(std)
+        self.eval_seconds += time.perf_counter() - start
+        if self.log_every and (r + 1) % self.log_every == 0:
+            print(f"    round {r + 1}: eval {mean:.3f}  train {self.seconds[-1]:.0f}s", flush=True)
+
+
+def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
+    """Train one (method, seed) run for ``cfg["rounds"]`` rounds; returns its curves and timings."""
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}; supported: {METHODS}")
+    torch.set_num_threads(1)
+    model = build_model(cfg, seed)
+    eval_cfg = cfg["eval"]
+    eval_env = DummyVecEnv([env_factory(cfg)] * min(int(eval_cfg["episodes"]), int(eval_cfg["n_envs"])))
+    recorder = RoundRecorder(eval_env, int(eval_cfg["episodes"]), seed, log_every=cfg.get("log_every", 10))
+    callbacks: list[BaseCallback] = [recorder]
+    iif = None
+    if method != "ppo":
+        drop = "neg-bottom" if method == "iif" else "random"
+        iif = IIFCallback(drop=drop, p=float(cfg["iif"]["p"]), seed=seed, **cfg["iif"].get("callback", {}))
+        callbacks.insert(0, iif)
+    total = int(cfg["rounds"]) * model.n_steps * model.n_envs
+    model.learn(total, callback=CallbackList(callbacks))
+    eval_env.close()
+    model.env.close()
+    history = iif.filter_history if iif is not None else []
+    return {
+        "method": method,
+        "seed": seed,
+        "curve": recorder.curve,
+        "curve_std": recorder.curve_std,
+        "rollout_curve": recorder.rollout,
+        "seconds": recorder.seconds,
+        "eval_seconds": recorder.eval_seconds,
+        "kept_fraction": [h["kept_fraction"] for h in history],
+        "score_seconds": [h["seconds"] for h in (iif.history if iif is not None else [])],
+        "min_keep_notes": sum(1 for h in history if h["note"]),
+    }

@@ -1,0 +1,271 @@
+"""Reproduce the IIF sample-efficiency table (Hu et al. 2025, Algorithm 1) with SB3 PPO.
+
+For each config (configs/iif/*.yaml) this runs standard PPO, IIF (neg-bottom p) and the
+random-drop baseline for N seeds in parallel processes, evaluates every round's policy on
+stochastic episodes, and writes into ``<out>/<name>/``::
+
+    runs/<method>_seed<k>.json   one run (skipped when it exists: the study is resumable)
+    results.json                 SE_ave, SE_peak, RT_peak with bootstrap CIs, config, versions, commit
+    curves.png                   seed-mean learning curves with 95 % bootstrap bands
+    table.md                     the Markdown table
+
+Examples::
+
+    python experiments/iif_sample_efficiency.py configs/iif/frozenlake.yaml --seeds 5 --workers 2
+    python experiments/iif_sample_efficiency.py configs/iif/*.yaml --report-only --table docs/t.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from iif_envs import METHODS, OPTIMIZERS, run_one  # noqa: E402
+
+from rlattr.rl.efficiency import bootstrap_efficiency, mean_and_band  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = {"name", "env_id", "rounds", "ppo", "optimizer", "policy", "iif", "eval"}
+OPTIONAL = {"env_kwargs", "wrapper", "n_envs", "net_arch", "metric", "log_every", "notes"}
+PAPER = {  # SE_ave, SE_peak, RT_peak in % (mean +- std over 5 seeds), REFERENCE.md section 1
+    "FrozenLake-v1": ("34.0 ± 2.0", "19.2 ± 5.9", "29.5 ± 2.9"),
+    "Acrobot-v1": ("36.7 ± 6.5", "48.5 ± 0.8", "55.2 ± 1.0"),
+    "MiniGrid-Empty-8x8-v0": ("65.8 ± 3.3", "61.7 ± 4.1", "69.1 ± 1.7"),
+    "highway-v0": ("37.7 ± 6.1", "55.1 ± 2.9", "59.9 ± 0.7"),
+    "LunarLander-v3": ("26.0 ± 1.8", "39.7 ± 3.7", "44.9 ± 2.5"),
+    "BipedalWalker-v3": ("31.0 ± 8.7", "26.2 ± 8.0", "29.2 ± 0.7"),
+}
+
+
+def load_config(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Read and check a YAML config; ``overrides`` (rounds, n_steps, eval episodes) win."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    unknown = set(cfg) - REQUIRED - OPTIONAL
+    missing = REQUIRED - set(cfg)
+    if unknown or missing:
+        raise ValueError(f"config {path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"config {path}: optimizer {cfg['optimizer']!r}; supported: {sorted(OPTIMIZERS)}")
+    if cfg["policy"] not in ("mlp", "minigrid-cnn"):
+        raise ValueError(f"config {path}: policy {cfg['policy']!r}; supported: 'mlp', 'minigrid-cnn'")
+    cfg.setdefault("n_envs", 1)
+    cfg.setdefault("net_arch", [64, 64])
+    cfg.setdefault("metric", {"n_levels": 20, "n_boot": 1000})
+    cfg["eval"].setdefault("n_envs", 16)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "episodes":
+            cfg["eval"]["episodes"] = value
+        elif key == "n_steps":
+            cfg["ppo"]["n_steps"] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def _atomic_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def provenance() -> dict[str, Any]:
+    """Versions and the git commit (with a dirty flag) of the code that produced a result."""
+    import gymnasium
+    import stable_baselines3
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--", "rlattr", "callbacks", "experiments")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "gymnasium": gymnasium.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _run_file(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / f"{method}_seed{seed}.json"
+
+
+def _worker(cfg: dict[str, Any], method: str, seed: int, path: str) -> str:
+    result = run_one(cfg, method, seed)
+    result.update(config=cfg, provenance=provenance())
+    _atomic_json(Path(path), result)
+    return path
+
+
+def run_study(cfg: dict[str, Any], out: Path, seeds: list[int], methods: list[str], workers: int) -> None:
+    """Run every missing (method, seed) of the study, at most ``workers`` processes at a time."""
+    todo = [(m, s) for s in seeds for m in methods if not _run_file(out, m, s).exists()]
+    done = len(seeds) * len(methods) - len(todo)
+    print(f"[{cfg['name']}] {len(todo)} runs to do, {done} already done", flush=True)
+    if not todo:
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, cfg, m, s, str(_run_file(out, m, s))): (m, s) for m, s in todo}
+        for fut in as_completed(futures):
+            m, s = futures[fut]
+            fut.result()
+            print(f"[{cfg['name']}] finished {m} seed {s}", flush=True)
+
+
+def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray:
+    n = min(len(r[key]) for r in runs)
+    return np.array([r[key][:n] for r in runs], dtype=float)
+
+
+def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """Metrics of every method against PPO from the finished runs; writes results.json, PNG, table."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((out / "runs").glob("*.json")):
+        run = json.loads(path.read_text())
+        runs.setdefault(run["method"], []).append(run)
+    if "ppo" not in runs:
+        return None
+    metric = cfg["metric"]
+    base, base_t = _stack(runs["ppo"], "curve"), _stack(runs["ppo"], "seconds")
+    results: dict[str, Any] = {"name": cfg["name"], "env_id": cfg["env_id"], "config": cfg, "methods": {}}
+    for method, group in runs.items():
+        curves, secs = _stack(group, "curve"), _stack(group, "seconds")
+        entry: dict[str, Any] = {
+            "seeds": sorted(r["seed"] for r in group),
+            "peak_of_mean_curve": float(curves.mean(0).max()),
+            "final_mean": float(curves[:, -5:].mean()),
+            "train_seconds_mean": float(secs[:, -1].mean()),
+            "kept_fraction_mean": float(np.mean([np.mean(r["kept_fraction"]) for r in group]))
+            if group[0]["kept_fraction"]
+            else 1.0,
+        }
+        if method != "ppo":
+            entry["efficiency_vs_ppo"] = bootstrap_efficiency(
+                curves,
+                base,
+                method_seconds=secs,
+                base_seconds=base_t,
+                n_levels=int(metric.get("n_levels", 20)),
+                n_boot=int(metric.get("n_boot", 1000)),
+            )
+        results["methods"][method] = entry
+    results["provenance"] = provenance()
+    _atomic_json(out / "results.json", results)
+    plot_curves(runs, out / "curves.png", cfg)
+    (out / "table.md").write_text(markdown_table([results]))
+    return results
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, cfg: dict[str, Any]) -> None:
+    """Seed-mean learning curves with 95 % bootstrap bands, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        if method not in runs:
+            continue
+        band = mean_and_band(_stack(runs[method], "curve"))
+        x = np.arange(1, band.shape[1] + 1)
+        ax.plot(x, band[0], label=f"{method} ({len(runs[method])} seeds)")
+        ax.fill_between(x, band[1], band[2], alpha=0.25)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"mean return ({cfg['eval']['episodes']} stochastic episodes)")
+    ax.set_title(cfg["env_id"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(stats: dict[str, float]) -> str:
+    v, sd = 100 * stats["value"], 100 * stats["std"]
+    return f"{v:.1f} ± {sd:.1f} [{100 * stats['lo']:.0f}, {100 * stats['hi']:.0f}]"
+
+
+def markdown_table(all_results: list[dict[str, Any]]) -> str:
+    """Our SE_ave / SE_peak / RT_peak (value ± bootstrap std [95 % CI], %) beside the paper's."""
+    lines = [
+        "| env | method | seeds | SE_ave % | SE_peak % | RT_peak % | levels reached | kept | paper SE_ave / SE_peak / RT_peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in all_results:
+        paper = " / ".join(PAPER.get(res["env_id"], ("-", "-", "-")))
+        for method in ("iif", "random"):
+            entry = res["methods"].get(method)
+            if entry is None or "efficiency_vs_ppo" not in entry:
+                continue
+            eff = entry["efficiency_vs_ppo"]
+            lines.append(
+                f"| {res['env_id']} | {method} | {len(entry['seeds'])} | {_fmt(eff['se_ave'])} | "
+                f"{_fmt(eff['se_peak'])} | {_fmt(eff['rt_peak'])} | {100 * eff['levels_reached']['value']:.0f} % | "
+                f"{100 * entry['kept_fraction_mean']:.0f} % | {paper if method == 'iif' else ''} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="+", type=Path, help="configs/iif/*.yaml")
+    ap.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--methods", default="ppo,iif,random", help=f"comma-separated subset of {METHODS}")
+    ap.add_argument("--workers", type=int, default=2, help="parallel processes (torch uses 1 thread each)")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "iif")
+    ap.add_argument("--rounds", type=int, help="override the config's rounds")
+    ap.add_argument("--n-steps", type=int, help="override PPO n_steps (smoke tests)")
+    ap.add_argument("--episodes", type=int, help="override the evaluation episodes per round")
+    ap.add_argument("--report-only", action="store_true", help="aggregate finished runs, run nothing")
+    ap.add_argument("--table", type=Path, help="also write one Markdown table over all configs here")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or args.seeds < 1 or args.workers < 1:
+        ap.error(f"--methods {bad} not in {METHODS}, or --seeds/--workers < 1")
+    overrides = {"rounds": args.rounds, "n_steps": args.n_steps, "episodes": args.episodes}
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    collected = []
+    for path in args.configs:
+        cfg = load_config(path, overrides)
+        out = args.out / cfg["name"]
+        if not args.report_only:
+            run_study(cfg, out, seeds, methods, args.workers)
+        res = aggregate(cfg, out)
+        if res is not None:
+            collected.append(res)
+            print((out / "table.md").read_text(), flush=True)
+    if args.table is not None and collected:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(markdown_table(collected))
+
+
+if __name__ == "__main__":
+    main()
