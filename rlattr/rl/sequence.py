@@ -251,8 +251,21 @@ def sequence_task(
 
 
 def target_direction(task: Task, target_batch: dict[str, Tensor]) -> Params:
-    """``grad f_seq`` on the tracked parameters: ``dict[name, Tensor[*shape]]``."""
-    return {name: g[0] for name, g in target_grads(task, target_batch).items()}
+    """``grad f_seq`` on the tracked parameters: ``dict[name, Tensor[*shape]]``.
+
+    Uses :func:`rlattr.core.grads.target_grads` (torch.func); a model that torch.func transforms
+    refuse gets the same gradient from one plain autograd backward pass.
+    """
+    try:
+        return {name: g[0] for name, g in target_grads(task, target_batch).items()}
+    except (RuntimeError, NotImplementedError):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in task.tracked_params().items()}
+        value = task.require_target()(leaves, target_batch)
+        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        return {
+            k: torch.zeros_like(v) if g is None else g
+            for (k, v), g in zip(leaves.items(), grads, strict=True)
+        }
 
 
 def _loop_scores(task: Task, batch: dict[str, Tensor], direction: Params) -> Tensor:
