@@ -1,0 +1,300 @@
+"""InfluenceCallback: per-round data attribution for vanilla stable-baselines3 PPO.
+
+Usage::
+
+    model = PPO("MlpPolicy", "CartPole-v1", tensorboard_log="runs")
+    model.learn(50_000, callback=InfluenceCallback(target="return"))
+
+At the end of every rollout (``_on_rollout_end``: the buffer is full and SB3 has already computed
+the GAE advantages and returns, and ``train()`` has not run yet) the callback copies the buffer into
+a :class:`~rlattr.rl.records.RecordBatch`, scores every record against the target at theta(k)
+(:func:`rlattr.rl.attribution.score_round`), logs ``attr/*`` to TensorBoard in SB3's run folder
+and writes a snapshot. It never changes what PPO does: it draws no random numbers (RNG states it
+must touch are put back), reads the buffer without modifying it, and leaves the parameters alone.
+
+Subclasses (e.g. IIF) override :meth:`InfluenceCallback._on_round_scored`, which receives the
+records and scores of the round right before SB3's ``train()`` runs on ``self.rollout_buffer``.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rlattr.callbacks.sb3_policy import (
+    PARAM_SETS,
+    SB3PolicyEval,
+    check_model,
+    first_epoch_minibatches,
+    ppo_hyperparameters,
+    records_from_buffer,
+    tracked_param_names,
+)
+from rlattr.callbacks.sb3_validation import collect_validation
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import TensorBoardOutputFormat
+
+from rlattr.rl.attribution import RoundScores, score_round
+from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
+from rlattr.rl.records import RecordBatch, RecordId
+from rlattr.rl.snapshots import SnapshotWriter, run_metadata
+from rlattr.rl.targets import TargetSpec, make_target
+
+
+@contextmanager
+def preserved_rng():
+    """Run a block and put the Python, NumPy and torch (CPU and CUDA) RNG states back afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(
+        devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    ):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+class InfluenceCallback(BaseCallback):
+    """Score every record of every PPO round against a target.
+
+    Args:
+        target: ``"return"`` (REINFORCE surrogate, raw advantages), ``"action"`` (log-prob of given
+            pairs; pass ``target_kwargs={"observations": ..., "actions": ...}``) or a
+            :class:`~rlattr.rl.targets.TargetSpec`.
+        target_kwargs: keyword arguments of the named target.
+        every: score every ``every``-th round (1 = all rounds).
+        params: ``"actor"`` (default; value head left out, shared extractor kept) or ``"all"``
+            (every parameter, with the value loss in the per-record loss).
+        advantage_norm: ``"auto"`` (``"buffer"`` if the model normalises advantages, else
+            ``"none"``), ``"buffer"``, ``"minibatch"`` or ``"none"``; see :mod:`rlattr.rl.ppo`.
+        by_group: also compute the per-layer breakdown (one JVP pass per layer).
+        top_k: number of top and bottom records in the TensorBoard text table.
+        log_dir: run folder for TensorBoard events and snapshots; default: SB3's TensorBoard run
+            folder when ``tensorboard_log`` is set, otherwise nothing is written to disk.
+        snapshot_every: keep the full snapshot (records, theta) of every k-th scored round.
+        keep_last: keep at most this many full snapshots (older ones are pruned to their scores).
+        tensorboard: write ``attr/*`` TensorBoard events.
+        image_every: log the score-vs-advantage image every this many scored rounds.
+        validation_env: a separate VecEnv for ``ReturnTarget(source="validation")``.
+        validation_steps: steps per environment collected from ``validation_env`` per round.
+        chunk_size: records per JVP chunk.
+        verbose: 1 prints one line per scored round.
+    """
+
+    def __init__(
+        self,
+        target: str | TargetSpec = "return",
+        *,
+        target_kwargs: dict[str, Any] | None = None,
+        every: int = 1,
+        params: str = "actor",
+        advantage_norm: str = "auto",
+        by_group: bool = False,
+        top_k: int = 10,
+        log_dir: str | Path | None = None,
+        snapshot_every: int = 1,
+        keep_last: int | None = None,
+        tensorboard: bool = True,
+        image_every: int = 10,
+        validation_env: Any = None,
+        validation_steps: int = 256,
+        chunk_size: int = 4096,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose=verbose)
+        self.target = make_target(target, **(target_kwargs or {}))
+        for name, value in (("every", every), ("top_k", top_k), ("snapshot_every", snapshot_every)):
+            _positive_int(name, value)
+        for name, value in (("image_every", image_every), ("validation_steps", validation_steps)):
+            _positive_int(name, value)
+        _positive_int("keep_last", keep_last, allow_none=True)
+        _positive_int("chunk_size", chunk_size)
+        if params not in PARAM_SETS:
+            raise ValueError(f"params: got {params!r}; supported: {PARAM_SETS}")
+        if advantage_norm not in ("auto", *ADVANTAGE_NORMS):
+            raise ValueError(
+                f"advantage_norm: got {advantage_norm!r}; supported: {('auto', *ADVANTAGE_NORMS)}"
+            )
+        if getattr(self.target, "source", "buffer") == "validation" and validation_env is None:
+            raise ValueError(
+                "validation_env: ReturnTarget(source='validation') needs a validation_env (a VecEnv)"
+            )
+        self.every, self.params, self.advantage_norm, self.by_group = every, params, advantage_norm, by_group
+        self.top_k, self.log_dir, self.tensorboard, self.image_every = (
+            top_k,
+            log_dir,
+            tensorboard,
+            image_every,
+        )
+        self.snapshot_every, self.keep_last, self.chunk_size = snapshot_every, keep_last, chunk_size
+        self.validation_env, self.validation_steps = validation_env, validation_steps
+        self.round = 0
+        self.n_scored = 0
+        self.last_records: RecordBatch | None = None
+        self.last_scores: RoundScores | None = None
+        self.history: list[dict[str, Any]] = []
+        self.run_dir: Path | None = None
+        self._writer: Any = None
+        self._snapshots: SnapshotWriter | None = None
+
+    # ----------------------------------------------------------------- setup
+    def _init_callback(self) -> None:
+        check_model(self.model)
+        policy = self.model.policy
+        self.param_names = tracked_param_names(policy, self.params)
+        self.policy_eval = SB3PolicyEval(policy, with_values=self.params == "all")
+        self.run_dir = self._resolve_run_dir()
+        if self.run_dir is not None:
+            meta = run_metadata(
+                target=self.target.describe(),
+                hyperparameters=ppo_hyperparameters(self.model),
+                callback=self._settings(),
+                tracked_params=self.param_names,
+            )
+            self._snapshots = SnapshotWriter(
+                self.run_dir / "rlattr", meta, every=self.snapshot_every, keep_last=self.keep_last
+            )
+            if self.tensorboard:
+                from rlattr.diagnostics.tensorboard import AttrWriter
+
+                self._writer = AttrWriter(self.run_dir)
+
+    def _resolve_run_dir(self) -> Path | None:
+        if self.log_dir is not None:
+            return Path(self.log_dir)
+        logger = self.model.logger
+        if any(isinstance(f, TensorBoardOutputFormat) for f in logger.output_formats) and logger.get_dir():
+            return Path(logger.get_dir())
+        return None
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "every": self.every,
+            "params": self.params,
+            "advantage_norm": self.advantage_norm,
+            "by_group": self.by_group,
+            "snapshot_every": self.snapshot_every,
+            "keep_last": self.keep_last,
+            "chunk_size": self.chunk_size,
+        }
+
+    # ----------------------------------------------------------------- hooks
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        k = self.round
+        self.round += 1
+        if k % self.every != 0:
+            return
+        scores = self.score_current_round(k)
+        self._record_round(scores)
+        self._on_round_scored(self.last_records, scores)  # type: ignore[arg-type]
+
+    def _on_round_scored(self, records: RecordBatch, scores: RoundScores) -> None:
+        """Hook for subclasses: called after scoring, before SB3's ``train()`` (no-op here)."""
+
+    def _on_training_end(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def rollout_buffer(self) -> RolloutBuffer:
+        """SB3's rollout buffer, shape ``(n_steps, n_envs, ...)`` during ``_on_round_scored``."""
+        return self.model.rollout_buffer
+
+    def loss_config(self) -> PPOLossConfig:
+        """The PPO loss settings of the round about to be trained (clip range at SB3's progress)."""
+        model = self.model
+        progress = 1.0 - float(model.num_timesteps) / float(max(model._total_timesteps, 1))
+        norm = self.advantage_norm
+        if norm == "auto":
+            norm = "buffer" if model.normalize_advantage else "none"
+        return PPOLossConfig(
+            clip_range=float(model.clip_range(progress)),
+            ent_coef=float(model.ent_coef),
+            vf_coef=float(model.vf_coef),
+            advantage_norm=norm,
+            include_value_loss=self.params == "all",
+        )
+
+    def score_current_round(self, round_index: int | None = None) -> RoundScores:
+        """Copy the buffer into ``self.last_records`` and score it; returns the round's scores."""
+        k = self.round - 1 if round_index is None else round_index
+        model = self.model
+        records = records_from_buffer(model.rollout_buffer, k)
+        config = self.loss_config()
+        minibatch_of = None
+        if config.advantage_norm == "minibatch":
+            minibatch_of = first_epoch_minibatches(model.n_steps, model.n_envs, model.batch_size)
+        validation = None
+        if getattr(self.target, "source", "buffer") == "validation":
+            with preserved_rng():
+                validation = collect_validation(model, self.validation_env, self.validation_steps, k)
+        scores = score_round(
+            model.policy,
+            self.policy_eval,
+            records,
+            self.target,
+            config=config,
+            params=self.param_names,
+            by_group=self.by_group,
+            validation=validation,
+            minibatch_of=minibatch_of,
+            chunk_size=self.chunk_size,
+        )
+        self.last_records, self.last_scores = records, scores
+        return scores
+
+    def round_scores(self) -> dict[RecordId, float]:
+        """The last scored round as ``{(round, step, env): score}``."""
+        if self.last_scores is None:
+            raise RuntimeError("round_scores: no round has been scored yet")
+        return self.last_scores.as_dict()
+
+    # ----------------------------------------------------------------- outputs
+    def _record_round(self, scores: RoundScores) -> None:
+        records = self.last_records
+        assert records is not None
+        s = scores.scores if scores.scores.dim() == 1 else scores.scores.mean(0)
+        summary = {
+            "round": records.round_index,
+            "timesteps": int(self.model.num_timesteps),
+            "n_records": len(records),
+            "mean": float(s.mean()),
+            "std": float(s.std()) if s.numel() > 1 else 0.0,
+            "positive_fraction": float((s > 0).float().mean()),
+            "seconds": scores.seconds,
+        }
+        if self._snapshots is not None:
+            theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
+            summary["disk_bytes"] = self._snapshots.write_round(records, scores, theta, summary)
+        if self._writer is not None:
+            image = self.n_scored % self.image_every == 0
+            self._writer.log_round(
+                self.model.num_timesteps, records, scores, summary, self.top_k, image=image
+            )
+        self.history.append(summary)
+        self.n_scored += 1
+        if self.verbose >= 1:
+            print(
+                f"[rlattr] round {summary['round']}: {summary['n_records']} records scored in "
+                f"{summary['seconds']:.3f}s, positive fraction {summary['positive_fraction']:.2f}"
+            )
+
+
+__all__ = ["InfluenceCallback", "preserved_rng"]

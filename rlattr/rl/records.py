@@ -1,0 +1,162 @@
+"""RecordBatch: one PPO round's transitions as tensors, each with a stable id (round, step, env).
+
+Records are laid out step-major: record ``r`` is the transition of environment ``r % n_envs`` at
+rollout step ``r // n_envs`` (the row-major flattening of the ``(n_steps, n_envs)`` buffer). The
+id tensor says so explicitly, so a score never depends on a position that could be shuffled.
+Framework-free: the stable-baselines3 adapter fills a RecordBatch from its RolloutBuffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+RecordId = tuple[int, int, int]
+_FLOAT_FIELDS = ("old_log_prob", "values", "rewards", "returns", "advantages", "episode_starts")
+
+
+@dataclass
+class RecordBatch:
+    """The records of one round.
+
+    Attributes:
+        observations: ``Tensor[n, *obs_shape]`` in the dtype the buffer stored (images stay uint8).
+        actions: ``Tensor[n, action_dim]`` as the buffer stored them.
+        old_log_prob: ``Tensor[n]``, log pi_theta(k)(a|s) at collection time.
+        values: ``Tensor[n]``, V(s) at collection time.
+        rewards: ``Tensor[n]``.
+        returns: ``Tensor[n]``, the TD(lambda) returns (advantages + values).
+        advantages: ``Tensor[n]``, raw GAE advantages (not normalised).
+        episode_starts: ``Tensor[n]``, 1.0 where the transition starts an episode.
+        ids: ``Tensor[n, 3]`` int64, the stable id ``(round, step, env)`` of every record.
+    """
+
+    observations: Tensor
+    actions: Tensor
+    old_log_prob: Tensor
+    values: Tensor
+    rewards: Tensor
+    returns: Tensor
+    advantages: Tensor
+    episode_starts: Tensor
+    ids: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.ids.shape[0] if isinstance(self.ids, Tensor) else -1
+        if not isinstance(self.ids, Tensor) or self.ids.dim() != 2 or self.ids.shape[1] != 3:
+            got = tuple(self.ids.shape) if isinstance(self.ids, Tensor) else type(self.ids).__name__
+            raise ValueError(f"ids: expected Tensor[n, 3] of (round, step, env), got {got}")
+        if n == 0:
+            raise ValueError("ids: empty RecordBatch (0 records); a round must hold at least one record")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{f.name}: expected a torch.Tensor, got {type(value).__name__}")
+            if value.shape[0] != n:
+                raise ValueError(
+                    f"{f.name}: expected {n} records (leading dimension), got {tuple(value.shape)}"
+                )
+            if f.name in _FLOAT_FIELDS and value.dim() != 1:
+                raise ValueError(f"{f.name}: expected Tensor[n], got shape {tuple(value.shape)}")
+        self.ids = self.ids.to(torch.int64)
+
+    @classmethod
+    def from_rollout(
+        cls,
+        round_index: int,
+        *,
+        observations: Tensor,
+        actions: Tensor,
+        old_log_prob: Tensor,
+        values: Tensor,
+        rewards: Tensor,
+        returns: Tensor,
+        advantages: Tensor,
+        episode_starts: Tensor,
+    ) -> RecordBatch:
+        """Build from ``(n_steps, n_envs, ...)`` arrays, flattening step-major and assigning ids.
+
+        ``observations: Tensor[n_steps, n_envs, *obs_shape]``, ``actions: Tensor[n_steps, n_envs,
+        action_dim]``, the others ``Tensor[n_steps, n_envs]``.
+        """
+        if observations.dim() < 2:
+            raise ValueError(
+                f"observations: expected (n_steps, n_envs, ...), got shape {tuple(observations.shape)}"
+            )
+        n_steps, n_envs = observations.shape[:2]
+        steps = torch.arange(n_steps).repeat_interleave(n_envs)
+        envs = torch.arange(n_envs).repeat(n_steps)
+        ids = torch.stack([torch.full_like(steps, int(round_index)), steps, envs], dim=1)
+
+        def flat(x: Tensor, name: str) -> Tensor:
+            if tuple(x.shape[:2]) != (n_steps, n_envs):
+                raise ValueError(
+                    f"{name}: expected leading shape ({n_steps}, {n_envs}), got {tuple(x.shape)}"
+                )
+            return x.reshape(n_steps * n_envs, *x.shape[2:])
+
+        return cls(
+            observations=flat(observations, "observations"),
+            actions=flat(actions, "actions"),
+            old_log_prob=flat(old_log_prob, "old_log_prob"),
+            values=flat(values, "values"),
+            rewards=flat(rewards, "rewards"),
+            returns=flat(returns, "returns"),
+            advantages=flat(advantages, "advantages"),
+            episode_starts=flat(episode_starts, "episode_starts"),
+            ids=ids,
+        )
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def round_index(self) -> int:
+        """The round of the first record (a RecordBatch normally holds one round)."""
+        return int(self.ids[0, 0])
+
+    def as_batch(self) -> dict[str, Tensor]:
+        """The tensors as a dict pytree for :mod:`rlattr.core` (every leaf has the record dimension)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Flat ``dict[str, Tensor]`` for :func:`rlattr.core.store.save_tensors`."""
+        return self.as_batch()
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> RecordBatch:
+        """Inverse of :meth:`to_tensors`."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"tensors: missing RecordBatch field(s) {missing}")
+        return cls(**{n: tensors[n] for n in names})
+
+    def select(self, index: Tensor | Sequence[int]) -> RecordBatch:
+        """The records at positions ``index`` (a bool mask ``Tensor[n]`` or integer positions)."""
+        idx = torch.as_tensor(index)
+        return RecordBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def id_list(self) -> list[RecordId]:
+        """Ids as ``[(round, step, env), ...]`` in record order."""
+        return [(int(r), int(s), int(e)) for r, s, e in self.ids.tolist()]
+
+    def positions(self, ids: Iterable[RecordId]) -> Tensor:
+        """Record positions of the given ids: ``Tensor[m]`` int64; raises ``KeyError`` for unknown ids."""
+        lookup = {rid: i for i, rid in enumerate(self.id_list())}
+        out = []
+        for rid in ids:
+            key = tuple(int(x) for x in rid)
+            if key not in lookup:
+                raise KeyError(f"ids: no record with id (round, step, env) = {key}")
+            out.append(lookup[key])
+        return torch.tensor(out, dtype=torch.int64)
+
+
+def format_id(rid: RecordId | Tensor) -> str:
+    """``"r{round}/s{step}/e{env}"``: the printable form of a record id."""
+    r, s, e = (int(x) for x in rid)
+    return f"r{r}/s{s}/e{e}"
