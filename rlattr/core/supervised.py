@@ -150,3 +150,40 @@ def train_classifier(
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
+
+
+def per_record_logits(model: nn.Module) -> Callable[[Params, Batch], Tensor]:
+    """``(params, batch) -> Tensor[n, classes]``: the logits (the outputs the loss is a function of)."""
+
+    def logits(params: Params, batch: Batch) -> Tensor:
+        return functional_call(model, params, (batch["x"],))
+
+    return logits
+
+
+def ce_of_logits(logits: Tensor, batch: Batch) -> Tensor:
+    """``Tensor[n]``: cross-entropy of ``logits: Tensor[n, classes]`` against ``batch["y"]``."""
+    return nn.functional.cross_entropy(logits, batch["y"], reduction="none")
+
+
+def per_record_margin(model: nn.Module) -> Callable[[Params, Batch], Tensor]:
+    """``(params, batch) -> Tensor[n]``: ``log(p_y / (1 - p_y)) = z_y - logsumexp_{c != y} z_c``."""
+
+    def margin(params: Params, batch: Batch) -> Tensor:
+        z = functional_call(model, params, (batch["x"],))
+        y = batch["y"]
+        correct = z.gather(1, y[:, None]).squeeze(1)
+        others = z.masked_fill(nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf"))
+        return correct - torch.logsumexp(others, dim=1)
+
+    return margin
+
+
+def margin_weight(model: nn.Module) -> Callable[[Params, Batch], Tensor]:
+    """``(params, batch) -> Tensor[n]``: ``1 - p_y``, d(cross-entropy) / d(-margin)."""
+
+    def weight(params: Params, batch: Batch) -> Tensor:
+        z = functional_call(model, params, (batch["x"],))
+        return 1.0 - torch.softmax(z, dim=1).gather(1, batch["y"][:, None]).squeeze(1)
+
+    return weight

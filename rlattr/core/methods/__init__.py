@@ -1,6 +1,24 @@
 """Attribution methods, one module per family, all with the cache / attribute split."""
 
 from rlattr.core.methods.base import Attributor, query_grads
+from rlattr.core.methods.influence import STRATEGIES, InfluenceFunction, self_influence
+from rlattr.core.methods.rif import NewtonStep, RescaledInfluence
 from rlattr.core.methods.similarity import GradCos, GradDot
+from rlattr.core.methods.tracin import TracIn
+from rlattr.core.methods.trak import TRAK
+from rlattr.core.methods.weighting import LearnedWeights
 
-__all__ = ["Attributor", "GradCos", "GradDot", "query_grads"]
+__all__ = [
+    "STRATEGIES",
+    "Attributor",
+    "GradCos",
+    "GradDot",
+    "InfluenceFunction",
+    "LearnedWeights",
+    "NewtonStep",
+    "RescaledInfluence",
+    "TRAK",
+    "TracIn",
+    "query_grads",
+    "self_influence",
+]

@@ -41,7 +41,7 @@ def group_masks(task: Task) -> Tensor:
     groups = task.group_names
     masks = torch.zeros(len(groups), sum(sizes))
     start = 0
-    for name, size in zip(task.tracked_names, sizes):
+    for name, size in zip(task.tracked_names, sizes, strict=True):
         masks[groups.index(task.group_of[name]), start : start + size] = 1.0
         start += size
     return masks
@@ -62,7 +62,7 @@ def check_query(query: Batch, expected: tuple[object, list[object]] | None) -> N
         raise ValueError(
             f"query: expected a batch structured like the training records ({expected[0]}), got {spec}"
         )
-    for j, (got, want) in enumerate(zip(leaves, expected[1])):
+    for j, (got, want) in enumerate(zip(leaves, expected[1], strict=False)):
         if got is not None and want is not None and got[0] != want[0]:  # type: ignore[index]
             raise ValueError(
                 f"query: leaf {j} has per-record shape {got[0]}, but the training records have {want[0]}"  # type: ignore[index]

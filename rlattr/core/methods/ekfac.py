@@ -90,9 +90,9 @@ def _kronecker_factors(
     for start in range(0, n, chunk_size):
         seen: dict[int, tuple[Tensor, Tensor]] = {}
 
-        def hook(idx: int) -> Callable[..., None]:
+        def hook(idx: int, store: dict[int, tuple[Tensor, Tensor]] = seen) -> Callable[..., None]:
             def fn(_mod: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-                seen[idx] = (args[0].detach(), output)
+                store[idx] = (args[0].detach(), output)
 
             return fn
 
@@ -141,7 +141,9 @@ class EKFACSolver:
         self.blocks = _layer_blocks(task)
         self.layout = ParamLayout(task.tracked_params(), task.tracked_names)
         loss = task.loss if fisher_loss is None else fisher_loss
-        for blk, (a, s) in zip(self.blocks, _kronecker_factors(task, loss, batch, self.blocks, chunk_size)):
+        for blk, (a, s) in zip(
+            self.blocks, _kronecker_factors(task, loss, batch, self.blocks, chunk_size), strict=True
+        ):
             blk.q_a = torch.linalg.eigh(a)[1]
             blk.q_s = torch.linalg.eigh(s)[1]
             blk.lam = torch.zeros(s.shape[0], a.shape[0], dtype=a.dtype)

@@ -92,7 +92,7 @@ class TracIn(Attributor):
     def score_vectors(self, vectors: list[Tensor]) -> Tensor:
         self._require_cache()
         total = None
-        for lr, q, feats in zip(self.lrs, vectors, self._feats):
+        for lr, q, feats in zip(self.lrs, vectors, self._feats, strict=True):
             part = lr * (self._project(q) @ feats.T.to(q.dtype))
             total = part if total is None else total + part
         assert total is not None

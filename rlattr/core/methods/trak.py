@@ -106,7 +106,9 @@ class TRAK(Attributor):
 
     def cache(self, train: Batch) -> TRAK:
         self._signature = batch_signature(train)  # type: ignore[assignment]
-        self._parts = [self._model_part(train, p, proj) for p, proj in zip(self.models, self.projectors)]
+        self._parts = [
+            self._model_part(train, p, proj) for p, proj in zip(self.models, self.projectors, strict=True)
+        ]
         self._train = self._parts[0][0]
         return self
 
@@ -120,7 +122,7 @@ class TRAK(Attributor):
     def score_vectors(self, vectors: list[Tensor]) -> Tensor:
         self._require_cache()
         total = None
-        for v, proj, (left, right) in zip(vectors, self.projectors, self._parts):
+        for v, proj, (left, right) in zip(vectors, self.projectors, self._parts, strict=True):
             vp = proj.project(v) if proj is not None else v
             part = vp.to(left.dtype) @ left.T
             part = part @ right if right is not None else part
