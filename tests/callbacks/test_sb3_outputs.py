@@ -1,0 +1,106 @@
+"""What InfluenceCallback writes: snapshots read back by load_run, TensorBoard attr/ tags, retention."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from rlattr.callbacks.sb3 import InfluenceCallback
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import rlattr
+from tests.callbacks.envs import SMALL_NET
+
+torch.set_num_threads(1)
+
+
+class KeepTheta(InfluenceCallback):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.thetas: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _on_round_scored(self, records, scores) -> None:
+        self.thetas[records.round_index] = copy.deepcopy(self.model.policy.state_dict())
+
+
+def _learn(tmp_path, rounds: int = 4, **cb_kwargs) -> tuple[PPO, KeepTheta]:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=2)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=16,
+        batch_size=16,
+        n_epochs=1,
+        seed=2,
+        policy_kwargs=SMALL_NET,
+        tensorboard_log=str(tmp_path / "runs"),
+    )
+    cb = KeepTheta(**cb_kwargs)
+    model.learn(rounds * 32, callback=cb, tb_log_name="PPO")
+    return model, cb
+
+
+def test_snapshot_round_trip(tmp_path) -> None:
+    model, cb = _learn(tmp_path, rounds=3, by_group=True)
+    assert cb.run_dir == tmp_path / "runs" / "PPO_1"
+    run = rlattr.load_run(cb.run_dir)
+    assert run.rounds == [0, 1, 2]
+    assert run.meta["hyperparameters"]["n_steps"] == 16 and run.meta["target"]["name"] == "return"
+    assert run.meta["versions"]["stable-baselines3"] and "torch" in run.meta["versions"]
+    scores = run.scores(2)
+    torch.testing.assert_close(scores.scores, cb.last_scores.scores, rtol=0, atol=0)
+    assert torch.equal(scores.ids, cb.last_records.ids) and scores.by_group.shape == (32, 2)
+    rec = run.records(2)
+    for name, t in cb.last_records.to_tensors().items():
+        assert torch.equal(rec.to_tensors()[name], t), name
+    theta = run.theta(1)
+    assert all(torch.equal(theta[k], v) for k, v in cb.thetas[1].items())
+    assert [s["round"] for s in run.summaries] == [0, 1, 2]
+    assert 0 < run.summaries[-1]["disk_bytes"] <= run.disk_bytes
+
+
+def test_retention_keeps_every_kth_and_last_n(tmp_path) -> None:
+    _, cb = _learn(tmp_path, rounds=7, snapshot_every=2, keep_last=2)
+    run = rlattr.load_run(cb.run_dir / "rlattr")
+    assert run.rounds == list(range(7))  # scores of every round are kept
+    assert [k for k in run.rounds if run.has_snapshot(k)] == [4, 6]
+    with pytest.raises(FileNotFoundError, match="pruned"):
+        run.records(2)
+
+
+def test_tensorboard_events_carry_attr_tags(tmp_path) -> None:
+    _, cb = _learn(tmp_path, rounds=3, image_every=2)
+    acc = EventAccumulator(str(cb.run_dir), size_guidance={"tensors": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in (
+        "attr/positive_fraction",
+        "attr/score_mean",
+        "attr/score_std",
+        "attr/seconds",
+        "attr/disk_mb",
+    ):
+        assert tag in tags["scalars"], tag
+    assert "attr/score_hist" in tags["histograms"]
+    assert "attr/score_vs_advantage" in tags["images"]
+    assert any(t.startswith("attr/top_bottom") for t in tags["tensors"])
+    pos = [e.value for e in acc.Scalars("attr/positive_fraction")]
+    assert pos == pytest.approx([h["positive_fraction"] for h in cb.history], abs=1e-6)
+    assert [e.step for e in acc.Scalars("attr/seconds")] == [32, 64, 96]
+    assert len(acc.Images("attr/score_vs_advantage")) == 2  # rounds 0 and 2
+
+
+def test_a_second_run_refuses_to_overwrite(tmp_path) -> None:
+    _, cb = _learn(tmp_path, rounds=1)
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    model = PPO("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, policy_kwargs=SMALL_NET)
+    with pytest.raises(FileExistsError, match="already holds an rlattr run"):
+        model.learn(16, callback=InfluenceCallback(log_dir=cb.run_dir))
+
+
+def test_load_run_errors(tmp_path) -> None:
+    with pytest.raises(rlattr.core.StoreError, match="holds no rlattr run"):
+        rlattr.load_run(tmp_path)
