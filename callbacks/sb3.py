@@ -38,12 +38,13 @@ from rlattr.callbacks.sb3_validation import collect_validation
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
+from torch import Tensor
 
 from rlattr.rl.attribution import RoundScores, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
 from rlattr.rl.records import RecordBatch, RecordId
 from rlattr.rl.snapshots import SnapshotWriter, run_metadata
-from rlattr.rl.targets import TargetSpec, make_target
+from rlattr.rl.targets import ActionTarget, TargetSpec, make_target
 
 
 @contextmanager
@@ -90,6 +91,10 @@ class InfluenceCallback(BaseCallback):
         image_every: log the score-vs-advantage image every this many scored rounds.
         validation_env: a separate VecEnv for ``ReturnTarget(source="validation")``.
         validation_steps: steps per environment collected from ``validation_env`` per round.
+        probe_states: behaviour-formation probes: ``m`` (take m evenly spaced (state, action) pairs
+            of the first scored round) or ``(observations, actions)``; every round then also scores
+            all records against each probe's log-prob (``ActionTarget(reduce="none")``) and
+            records log pi(a|s) of each probe at theta(k).
         chunk_size: records per JVP chunk.
         verbose: 1 prints one line per scored round.
     """
@@ -111,6 +116,7 @@ class InfluenceCallback(BaseCallback):
         image_every: int = 10,
         validation_env: Any = None,
         validation_steps: int = 256,
+        probe_states: int | tuple[Any, Any] | None = None,
         chunk_size: int = 4096,
         verbose: int = 0,
     ) -> None:
@@ -141,6 +147,15 @@ class InfluenceCallback(BaseCallback):
         )
         self.snapshot_every, self.keep_last, self.chunk_size = snapshot_every, keep_last, chunk_size
         self.validation_env, self.validation_steps = validation_env, validation_steps
+        if isinstance(probe_states, int):
+            _positive_int("probe_states", probe_states)
+        elif probe_states is not None and not (isinstance(probe_states, tuple) and len(probe_states) == 2):
+            raise ValueError(
+                f"probe_states: expected an int, (observations, actions) or None, got {probe_states!r}"
+            )
+        self.probe_states = probe_states
+        self._probe: ActionTarget | None = None
+        self.last_probe: dict[str, Tensor] = {}
         self.round = 0
         self.n_scored = 0
         self.last_records: RecordBatch | None = None
@@ -258,7 +273,38 @@ class InfluenceCallback(BaseCallback):
             chunk_size=self.chunk_size,
         )
         self.last_records, self.last_scores = records, scores
+        self.last_probe = self._score_probes(records, config) if self.probe_states is not None else {}
         return scores
+
+    def _score_probes(self, records: RecordBatch, config: PPOLossConfig) -> dict[str, Tensor]:
+        """``probe_scores: Tensor[m, n]`` and ``probe_logp: Tensor[m]`` (log pi(a|s) at theta(k))."""
+        if self._probe is None:
+            if isinstance(self.probe_states, int):
+                pos = torch.linspace(0, len(records) - 1, min(self.probe_states, len(records))).long()
+                obs, act = records.observations[pos], records.actions[pos]
+            else:
+                obs, act = (torch.as_tensor(x) for x in self.probe_states)  # type: ignore[union-attr]
+            self._probe = ActionTarget(obs, act, reduce="none")
+        probe = self._probe
+        result = score_round(
+            self.model.policy,
+            self.policy_eval,
+            records,
+            probe,
+            config=config,
+            params=self.param_names,
+            chunk_size=self.chunk_size,
+        )
+        params = {n: p.detach() for n, p in self.model.policy.named_parameters()}
+        with torch.no_grad():
+            logp = self.policy_eval(params, probe.observations, probe.actions).log_prob
+        scores = result.scores if result.scores.dim() == 2 else result.scores.unsqueeze(0)
+        return {
+            "probe_scores": scores,
+            "probe_logp": logp.detach().float().cpu(),
+            "probe_observations": probe.observations,
+            "probe_actions": probe.actions,
+        }
 
     def round_scores(self) -> dict[RecordId, float]:
         """The last scored round as ``{(round, step, env): score}``."""
@@ -267,6 +313,14 @@ class InfluenceCallback(BaseCallback):
         return self.last_scores.as_dict()
 
     # ----------------------------------------------------------------- outputs
+    def history_first_round(self) -> int:
+        """The round index of the first scored round (the current one if none was recorded yet)."""
+        return (
+            self.history[0]["round"]
+            if self.history
+            else (self.last_records.round_index if self.last_records else 0)
+        )
+
     def _record_round(self, scores: RoundScores) -> None:
         records = self.last_records
         assert records is not None
@@ -282,7 +336,13 @@ class InfluenceCallback(BaseCallback):
         }
         if self._snapshots is not None:
             theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
-            summary["disk_bytes"] = self._snapshots.write_round(records, scores, theta, summary)
+            if self.last_probe:
+                summary["probe_net"] = self.last_probe["probe_scores"].sum(1).tolist()
+                summary["probe_logp"] = self.last_probe["probe_logp"].tolist()
+            extra = {k: v for k, v in self.last_probe.items() if k in ("probe_scores", "probe_logp")}
+            if self.last_probe and records.round_index == self.history_first_round():
+                extra.update({k: self.last_probe[k] for k in ("probe_observations", "probe_actions")})
+            summary["disk_bytes"] = self._snapshots.write_round(records, scores, theta, summary, extra)
         if self._writer is not None:
             image = self.n_scored % self.image_every == 0
             self._writer.log_round(

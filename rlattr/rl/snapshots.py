@@ -89,9 +89,17 @@ class SnapshotWriter:
         save_json(self.root / "run.json", meta)
 
     def write_round(
-        self, records: RecordBatch, scores: RoundScores, theta: dict[str, Tensor], summary: dict[str, Any]
+        self,
+        records: RecordBatch,
+        scores: RoundScores,
+        theta: dict[str, Tensor],
+        summary: dict[str, Any],
+        extra: dict[str, Tensor] | None = None,
     ) -> int:
-        """Write the round; returns the bytes used by the whole ``rlattr`` folder afterwards."""
+        """Write the round; returns the bytes used by the whole ``rlattr`` folder afterwards.
+
+        ``extra`` tensors (e.g. ``probe_scores: Tensor[m, n]``) are stored beside the scores.
+        """
         k = records.round_index
         folder = self.root / f"round_{k:05d}"
         if self._n % self.every == 0:
@@ -101,6 +109,7 @@ class SnapshotWriter:
         tensors = {"scores": scores.scores, "ids": scores.ids, "advantages": records.advantages}
         if scores.by_group is not None:
             tensors["by_group"] = scores.by_group
+        tensors.update(extra or {})
         meta = {
             "round": k,
             "target": scores.target,
@@ -151,8 +160,12 @@ class AttributionRun:
             target=dict(meta.get("target", {})),
         )
 
+    def score_tensors(self, k: int) -> dict[str, Tensor]:
+        """Every tensor stored beside the round's scores (advantages, probe_scores, probe_logp ...)."""
+        return load_tensors(self._folder(k) / "scores.safetensors")[0]
+
     def advantages(self, k: int) -> Tensor:
-        return load_tensors(self._folder(k) / "scores.safetensors")[0]["advantages"]
+        return self.score_tensors(k)["advantages"]
 
     def has_snapshot(self, k: int) -> bool:
         return (self._folder(k) / "records.safetensors").is_file()

@@ -72,7 +72,7 @@ def test_retention_keeps_every_kth_and_last_n(tmp_path) -> None:
 
 
 def test_tensorboard_events_carry_attr_tags(tmp_path) -> None:
-    _, cb = _learn(tmp_path, rounds=3, image_every=2)
+    _, cb = _learn(tmp_path, rounds=3, image_every=2, probe_states=3)
     acc = EventAccumulator(str(cb.run_dir), size_guidance={"tensors": 0, "images": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -104,3 +104,32 @@ def test_a_second_run_refuses_to_overwrite(tmp_path) -> None:
 def test_load_run_errors(tmp_path) -> None:
     with pytest.raises(rlattr.core.StoreError, match="holds no rlattr run"):
         rlattr.load_run(tmp_path)
+
+
+def test_probe_scores_are_action_target_scores(tmp_path) -> None:
+    from rlattr.rl.attribution import score_round
+    from rlattr.rl.targets import ActionTarget
+
+    _, cb = _learn(tmp_path, rounds=2, probe_states=3)
+    run = rlattr.load_run(cb.run_dir)
+    first = run.score_tensors(0)
+    obs, act = first["probe_observations"], first["probe_actions"]
+    assert torch.equal(obs, run.records(0).observations[torch.tensor([0, 15, 31])])
+    # round 1's probe scores equal an ActionTarget(reduce="none") scoring at theta(1)
+    last = run.score_tensors(1)
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    policy = PPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs=SMALL_NET).policy
+    policy.load_state_dict(run.theta(1))
+    from rlattr.callbacks.sb3_policy import SB3PolicyEval
+
+    ref = score_round(
+        policy,
+        SB3PolicyEval(policy),
+        run.records(1),
+        ActionTarget(obs, act, reduce="none"),
+        config=cb.loss_config(),
+        params=cb.param_names,
+    )
+    torch.testing.assert_close(last["probe_scores"], ref.scores, rtol=1e-5, atol=1e-6)
+    assert last["probe_logp"].shape == (3,) and (last["probe_logp"] < 0).all()
+    assert run.summaries[1]["probe_net"] == pytest.approx(ref.scores.sum(1).tolist(), rel=1e-4, abs=1e-5)
