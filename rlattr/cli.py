@@ -14,6 +14,56 @@ def _cmd_demo_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+PPO_DEMO = {
+    "env_id": "CartPole-v1",
+    "exp_name": "demo",
+    "seed": 0,
+    "total_timesteps": 20_480,
+    "ppo": {"n_steps": 2048, "batch_size": 64, "n_epochs": 10, "verbose": 0},
+    "callback": {"target": "return", "probe_states": 4, "image_every": 2},
+    "torch_threads": 1,
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rlattr.train_config import load_config
+
+    overrides = {"runs_dir": args.runs_dir} if args.runs_dir else {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    config = load_config(args.config, overrides)
+    from rlattr.callbacks.sb3_train import train
+
+    run_dir = train(config, progress_bar=not args.no_progress)
+    print(f"run folder: {run_dir}\n  tensorboard --logdir {run_dir}\n  rlattr report {run_dir}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from rlattr.diagnostics.report import write_report
+
+    index = write_report(args.run, args.out, recent=args.recent, top_k=args.top_k)
+    print(f"report: {index}")
+    return 0
+
+
+def _cmd_demo_ppo(args: argparse.Namespace) -> int:
+    from rlattr.diagnostics.report import write_report
+    from rlattr.train_config import config_from_dict
+
+    config = config_from_dict({**PPO_DEMO, "runs_dir": args.out, "total_timesteps": args.timesteps}, "demo")
+    from rlattr.callbacks.sb3_train import train
+
+    print(f"[rlattr demo] PPO on CartPole-v1 for {args.timesteps} steps, every round scored (return target)")
+    run_dir = train(config, progress_bar=not args.no_progress)
+    index = write_report(run_dir)
+    print(
+        f"\n[rlattr demo] done.\n  report:      {index}\n  tensorboard: tensorboard --logdir {run_dir}"
+        f"  (attr/ tags)\n  snapshots:   {run_dir / 'rlattr'}  (python: rlattr.load_run('{run_dir}'))"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlattr", description="Training-data attribution for RL and supervised models"
@@ -27,18 +77,36 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--top-k", type=int, default=5, help="helpful and harmful images shown per query")
     digits.add_argument("--seed", type=int, default=0)
     digits.set_defaults(func=_cmd_demo_digits)
-    demo = sub.add_parser("demo", help="the main demo (for now: the digits demo)")
-    demo.add_argument("--out", default="demo_out/digits")
-    demo.add_argument("--queries", type=int, default=3)
-    demo.add_argument("--top-k", type=int, default=5)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo_digits)
+    demo = sub.add_parser("demo", help="PPO on CartPole-v1 with InfluenceCallback, then the report")
+    demo.add_argument("--out", default="demo_out/ppo", help="folder that receives the run folder")
+    demo.add_argument("--timesteps", type=int, default=PPO_DEMO["total_timesteps"])
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_cmd_demo_ppo)
+    train = sub.add_parser("train", help="PPO + InfluenceCallback from a YAML config")
+    train.add_argument("config", help="YAML file (see configs/cartpole.yaml)")
+    train.add_argument("--runs-dir", default=None, help="override the config's runs_dir")
+    train.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+    report = sub.add_parser("report", help="index.html + PNG plots of a run")
+    report.add_argument("run", help="run folder (or its rlattr/ subfolder)")
+    report.add_argument("--out", default=None, help="output folder (default: RUN/report)")
+    report.add_argument("--recent", type=int, default=5, help="rounds with a top/bottom table")
+    report.add_argument("--top-k", type=int, default=10, help="rows per side of the tables")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rlattr.core.store import StoreError
+    from rlattr.train_config import ConfigError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, StoreError, FileExistsError, FileNotFoundError) as err:
+        parser.exit(2, f"rlattr {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":
