@@ -238,13 +238,12 @@ def group_dots(task: Task, grads: dict[str, Tensor], direction: Params) -> Tenso
     """Per-group dot products of per-record gradients with one direction: ``Tensor[n, G]``."""
     cols = []
     for g in task.group_names:
-        total = None
-        for k in task.tracked_names:
-            if task.group_of[k] != g:
-                continue
-            part = grads[k].reshape(grads[k].shape[0], -1) @ direction[k].reshape(-1).to(grads[k].dtype)
-            total = part if total is None else total + part
-        cols.append(total)
+        parts = [
+            grads[k].reshape(grads[k].shape[0], -1) @ direction[k].reshape(-1).to(grads[k].dtype)
+            for k in task.tracked_names
+            if task.group_of[k] == g
+        ]
+        cols.append(torch.stack(parts).sum(0))
     return torch.stack(cols, dim=1)
 
 

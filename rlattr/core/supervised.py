@@ -69,9 +69,10 @@ def make_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if kind == "logreg":
-            model: nn.Module = nn.Sequential(nn.Linear(n_in, n_out))
-            nn.init.zeros_(model[0].weight)
-            nn.init.zeros_(model[0].bias)
+            linear = nn.Linear(n_in, n_out)
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            model: nn.Module = nn.Sequential(linear)
         else:
             model = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
     return model
@@ -173,7 +174,7 @@ def per_record_margin(model: nn.Module) -> Callable[[Params, Batch], Tensor]:
         z = functional_call(model, params, (batch["x"],))
         y = batch["y"]
         correct = z.gather(1, y[:, None]).squeeze(1)
-        others = z.masked_fill(nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf"))
+        others = z.masked_fill(torch.arange(z.shape[1]) == y[:, None], float("-inf"))
         return correct - torch.logsumexp(others, dim=1)
 
     return margin
@@ -187,3 +188,19 @@ def margin_weight(model: nn.Module) -> Callable[[Params, Batch], Tensor]:
         return 1.0 - torch.softmax(z, dim=1).gather(1, batch["y"][:, None]).squeeze(1)
 
     return weight
+
+
+def model_sampled_batch(model: nn.Module, batch: Batch, draws: int = 1, seed: int = 0) -> dict[str, Tensor]:
+    """``batch["x"]`` repeated ``draws`` times with labels sampled from the model's softmax.
+
+    The per-record gradients of the cross-entropy on such a batch estimate the true Fisher
+    (``E_{y ~ p_theta}[g g^T]``), e.g. as ``hessian_data`` for EK-FAC.
+    """
+    if draws < 1:
+        raise ValueError(f"draws: must be >= 1, got {draws}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        probs = torch.softmax(model(batch["x"]), dim=1)
+    x = batch["x"].repeat(draws, *([1] * (batch["x"].dim() - 1)))
+    y = torch.multinomial(probs.repeat(draws, 1).float(), 1, generator=gen).squeeze(1)
+    return {"x": x, "y": y}
