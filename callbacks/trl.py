@@ -316,12 +316,19 @@ class AttributionMixin:
         n_local, rank = local.numel(), self.accelerator.process_index
         scores = self.accelerator.gather(local.to(self.accelerator.device)).cpu()
         result = self.attribution.selection(scores) if self.attribution.drop else None
-        keep = result.keep if result is not None else torch.ones(scores.numel(), dtype=torch.bool)
+        keep = result.keep.clone() if result is not None else torch.ones(scores.numel(), dtype=torch.bool)
+        notes = [result.note] if result is not None and result.note else []
         mine = slice(rank * n_local, (rank + 1) * n_local)
         # every rank applies the same rule to the same gathered scores, so decisions agree across ranks
+        n_rule = int(keep.sum())
         for r in range(self.accelerator.num_processes):
             part = slice(r * n_local, (r + 1) * n_local)
             keep[part] = fit_to_micro_batches(keep[part], scores[part], self.args.steps_per_generation)
+        if int(keep.sum()) > n_rule:
+            notes.append(
+                f"kept {int(keep.sum()) - n_rule} more pair(s) than the rule so that each process's kept "
+                f"pairs split into steps_per_generation={self.args.steps_per_generation} equal micro-batches"
+            )
         rows = top_bottom_rows(self, out, scores, mine, self.attribution.log_text_k)
         advantages = self.accelerator.gather(out["advantages"].float()).cpu()
         if not bool(keep.all()):
@@ -339,7 +346,7 @@ class AttributionMixin:
             "target_reward": self._attr_target_reward,
             "seconds": time.perf_counter() - t0,
             "seconds_target": t_target,
-            "note": result.note if result is not None else "",
+            "note": "; ".join(notes),
             "text": rows,
         }
         self.attribution_history.append(record)
