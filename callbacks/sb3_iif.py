@@ -38,6 +38,7 @@ from rlattr.rl.records import RecordBatch
 
 # Arrays that ``RolloutBuffer.get`` flattens env-major (``swap_and_flatten``) on first use.
 _FLATTENED_BY_GET = ("observations", "actions", "values", "log_probs", "advantages", "returns")
+_SCALAR_PER_RECORD = ("values", "log_probs", "advantages", "returns")
 DROP_CHOICES = ("neg-bottom", "random", *[n for n in RULES if n not in ("neg-bottom", "random")])
 
 
@@ -56,7 +57,9 @@ def _step_major(buffer: RolloutBuffer, name: str, arr: np.ndarray) -> np.ndarray
         return arr.reshape(n_steps * n_envs, *arr.shape[2:])
     if buffer.generator_ready and name in _FLATTENED_BY_GET and arr.shape[0] == n_steps * n_envs:
         env_major = arr.reshape(n_envs, n_steps, *arr.shape[1:])
-        return env_major.swapaxes(0, 1).reshape(n_steps * n_envs, *arr.shape[1:])
+        flat = env_major.swapaxes(0, 1).reshape(n_steps * n_envs, *arr.shape[1:])
+        # swap_and_flatten gives (n_steps, n_envs) arrays a trailing axis of 1; drop it again.
+        return flat.reshape(-1) if name in _SCALAR_PER_RECORD else flat
     raise ValueError(
         f"rollout_buffer.{name}: expected shape ({n_steps}, {n_envs}, ...), got {arr.shape}; "
         "was the buffer modified by another callback?"

@@ -128,6 +128,11 @@ def run_study(cfg: dict[str, Any], out: Path, seeds: list[int], methods: list[st
     print(f"[{cfg['name']}] {len(todo)} runs to do, {done} already done", flush=True)
     if not todo:
         return
+    if workers == 1:
+        for m, s in todo:
+            _worker(cfg, m, s, str(_run_file(out, m, s)))
+            print(f"[{cfg['name']}] finished {m} seed {s}", flush=True)
+        return
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
@@ -238,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--methods", default="ppo,iif,random", help=f"comma-separated subset of {METHODS}")
-    ap.add_argument("--workers", type=int, default=2, help="parallel processes (torch uses 1 thread each)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="parallel processes (torch uses 1 thread each); 1 runs in this process",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "results" / "iif")
     ap.add_argument("--rounds", type=int, help="override the config's rounds")
     ap.add_argument("--n-steps", type=int, help="override PPO n_steps (smoke tests)")
