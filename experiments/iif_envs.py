@@ -30,11 +30,16 @@ class MiniGridCNN(BaseFeaturesExtractor):
     """The paper's MiniGrid network: conv 16 (3x3), conv 32 (3x3), then a 64-unit linear layer.
 
     Input ``Tensor[B, 3, 7, 7]`` (SB3 transposes the 7x7x3 symbolic image channel-first); the cell
-    codes (object, colour, state; all <= 10) are divided by 10. Output ``Tensor[B, 64]``.
+    codes (object, colour, state; all <= 10) are divided by ``scale`` (255 as SB3's CnnPolicy does,
+    which is what the paper's code ran). Output ``Tensor[B, 64]``; the policy and value heads
+    (``net_arch``, 64-64 by default as in SB3 with a custom extractor) sit on top.
     """
 
-    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 64) -> None:
+    def __init__(
+        self, observation_space: gym.spaces.Box, features_dim: int = 64, scale: float = 255.0
+    ) -> None:
         super().__init__(observation_space, features_dim)
+        self.scale = float(scale)
         channels, height, width = observation_space.shape
         self.net = nn.Sequential(
             nn.Conv2d(channels, 16, 3),
@@ -47,7 +52,7 @@ class MiniGridCNN(BaseFeaturesExtractor):
         )
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.net(observations / 10.0)
+        return self.net(observations / self.scale)
 
 
 def _wrap(env: gym.Env, wrapper: str | None) -> gym.Env:
@@ -75,13 +80,16 @@ def env_factory(cfg: dict[str, Any]) -> Callable[[], gym.Env]:
 
 def build_model(cfg: dict[str, Any], seed: int) -> PPO:
     """SB3 PPO at the config's settings (policy, optimiser, PPO hyperparameters), seeded."""
-    policy_kwargs: dict[str, Any] = {"optimizer_class": OPTIMIZERS[cfg["optimizer"]]}
+    policy_kwargs: dict[str, Any] = {
+        "optimizer_class": OPTIMIZERS[cfg["optimizer"]],
+        "net_arch": dict(pi=list(cfg["net_arch"]), vf=list(cfg["net_arch"])),
+    }
     if cfg["policy"] == "minigrid-cnn":
         policy_kwargs.update(
-            features_extractor_class=MiniGridCNN, normalize_images=False, net_arch=dict(pi=[], vf=[])
+            features_extractor_class=MiniGridCNN,
+            features_extractor_kwargs={"scale": float(cfg.get("image_scale", 255.0))},
+            normalize_images=False,
         )
-    else:
-        policy_kwargs["net_arch"] = dict(pi=list(cfg["net_arch"]), vf=list(cfg["net_arch"]))
     env = DummyVecEnv([env_factory(cfg)] * int(cfg["n_envs"]))
     return PPO(
         "MlpPolicy", env, seed=seed, device="cpu", policy_kwargs=policy_kwargs, verbose=0, **cfg["ppo"]
@@ -158,12 +166,30 @@ class RoundRecorder(BaseCallback):
         start = time.perf_counter()
         self.seconds.append(start - self._t0 - self.eval_seconds)
         r = len(self.curve)
-        mean, std = evaluate(self.model, self.eval_env, self.episodes, self.eval_seed * 100_003 + r)
+        mean, std = float("nan"), float("nan")
+        if self.episodes > 0:
+            mean, std = evaluate(self.model, self.eval_env, self.episodes, self.eval_seed * 100_003 + r)
         self.curve.append(mean)
         self.curve_std.append(std)
         self.eval_seconds += time.perf_counter() - start
         if self.log_every and (r + 1) % self.log_every == 0:
-            print(f"    round {r + 1}: eval {mean:.3f}  train {self.seconds[-1]:.0f}s", flush=True)
+            shown = mean if self.episodes > 0 else self.rollout[-1]
+            print(f"    round {r + 1}: return {shown:.3f}  train {self.seconds[-1]:.0f}s", flush=True)
+
+
+def rollout_curve(rollout: list[float]) -> list[float]:
+    """The free learning curve: ``curve[r]`` = mean return of the episodes that ended while the policy
+    after ``r + 1`` updates collected round ``r + 2`` (``float[n_rounds - 1]``; gaps filled forward).
+    """
+    values = np.array(rollout[1:], dtype=float)
+    finite = np.flatnonzero(np.isfinite(values))
+    if finite.size == 0:
+        raise ValueError("rollout: no episode ended during training; use eval.episodes > 0")
+    values[: finite[0]] = values[finite[0]]
+    for i in range(1, values.size):
+        if not np.isfinite(values[i]):
+            values[i] = values[i - 1]
+    return values.tolist()
 
 
 def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
@@ -172,9 +198,9 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
         raise ValueError(f"method: got {method!r}; supported: {METHODS}")
     torch.set_num_threads(1)
     model = build_model(cfg, seed)
-    eval_cfg = cfg["eval"]
-    eval_env = DummyVecEnv([env_factory(cfg)] * min(int(eval_cfg["episodes"]), int(eval_cfg["n_envs"])))
-    recorder = RoundRecorder(eval_env, int(eval_cfg["episodes"]), seed, log_every=cfg.get("log_every", 10))
+    episodes = int(cfg["eval"]["episodes"])
+    eval_env = DummyVecEnv([env_factory(cfg)] * max(1, min(episodes, int(cfg["eval"]["n_envs"]))))
+    recorder = RoundRecorder(eval_env, episodes, seed, log_every=cfg.get("log_every", 10))
     callbacks: list[BaseCallback] = [recorder]
     iif = None
     if method != "ppo":
@@ -186,13 +212,17 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     eval_env.close()
     model.env.close()
     history = iif.filter_history if iif is not None else []
+    curve, seconds = recorder.curve, recorder.seconds
+    if episodes == 0:
+        curve, seconds = rollout_curve(recorder.rollout), seconds[:-1]
     return {
         "method": method,
         "seed": seed,
-        "curve": recorder.curve,
+        "curve": curve,
+        "curve_source": "rollout" if episodes == 0 else f"eval-{episodes}",
         "curve_std": recorder.curve_std,
         "rollout_curve": recorder.rollout,
-        "seconds": recorder.seconds,
+        "seconds": seconds,
         "eval_seconds": recorder.eval_seconds,
         "kept_fraction": [h["kept_fraction"] for h in history],
         "score_seconds": [h["seconds"] for h in (iif.history if iif is not None else [])],

@@ -39,7 +39,7 @@ from rlattr.rl.efficiency import bootstrap_efficiency, mean_and_band  # noqa: E4
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"name", "env_id", "rounds", "ppo", "optimizer", "policy", "iif", "eval"}
-OPTIONAL = {"env_kwargs", "wrapper", "n_envs", "net_arch", "metric", "log_every", "notes"}
+OPTIONAL = {"env_kwargs", "wrapper", "n_envs", "net_arch", "image_scale", "metric", "log_every", "notes"}
 PAPER = {  # SE_ave, SE_peak, RT_peak in % (mean +- std over 5 seeds), REFERENCE.md section 1
     "FrozenLake-v1": ("34.0 ± 2.0", "19.2 ± 5.9", "29.5 ± 2.9"),
     "Acrobot-v1": ("36.7 ± 6.5", "48.5 ± 0.8", "55.2 ± 1.0"),
