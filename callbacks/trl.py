@@ -175,6 +175,38 @@ def keep_rows(out: dict[str, Any], keep: Tensor) -> dict[str, Any]:
     return kept
 
 
+_DEAD_ZERO_KEYS = ("advantages", "completion_mask", "tool_mask", "old_logps")
+
+
+def compact_rows(out: dict[str, Any], keep: Tensor, n_rows: int) -> dict[str, Any]:
+    """The kept rows of ``out``, followed by ``n_rows - n_kept`` dead rows when ``n_rows`` is larger.
+
+    With several processes TRL gathers per-row tensors in ``compute_loss`` (its clip-ratio metrics),
+    which requires every rank to hold the same number of rows. A dead row is a dropped row with its
+    advantage, completion mask (and tool mask, and RLOO's old log-prob) set to zero: it contributes
+    no gradient and no loss token, but a row-mean loss (grpo, dr_grpo, luspo, rloo) counts it as a row.
+    """
+    kept = keep_rows(out, keep)
+    n_dead = n_rows - int(keep.sum())
+    if n_dead <= 0:
+        return kept
+    dropped = torch.nonzero(~keep).flatten()[:n_dead]
+    dead = keep_rows(out, torch.zeros_like(keep).index_fill_(0, dropped, True))
+    for key in _DEAD_ZERO_KEYS:
+        if isinstance(dead.get(key), Tensor):
+            dead[key] = torch.zeros_like(dead[key])
+    merged: dict[str, Any] = {}
+    for key, value in kept.items():
+        other = dead[key]
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == int(keep.sum()):
+            merged[key] = torch.cat([value, other])
+        elif isinstance(value, list) and len(value) == int(keep.sum()):
+            merged[key] = value + other
+        else:
+            merged[key] = value
+    return merged
+
+
 def fit_to_micro_batches(keep: Tensor, scores: Tensor, steps: int) -> Tensor:
     """Add back the best-scored dropped rows until the kept count is a positive multiple of ``steps``.
 
@@ -332,7 +364,11 @@ class AttributionMixin:
         rows = top_bottom_rows(self, out, scores, mine, self.attribution.log_text_k)
         advantages = self.accelerator.gather(out["advantages"].float()).cpu()
         if not bool(keep.all()):
-            out = keep_rows(out, keep[mine])
+            counts = [
+                int(keep[r * n_local : (r + 1) * n_local].sum())
+                for r in range(self.accelerator.num_processes)
+            ]
+            out = compact_rows(out, keep[mine], max(counts))
             if "num_items_in_batch" in out:
                 loss_mask = pair_batch(out)["loss_mask"]
                 out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
@@ -377,6 +413,7 @@ __all__ = [
     "IIFGRPOTrainer",
     "IIFRLOOTrainer",
     "fit_to_micro_batches",
+    "compact_rows",
     "keep_rows",
     "pair_batch",
     "with_attribution",

@@ -18,6 +18,7 @@ from rlattr.callbacks.trl import (  # noqa: E402
     AttributionConfig,
     IIFGRPOTrainer,
     IIFRLOOTrainer,
+    compact_rows,
     keep_rows,
     with_attribution,
 )
@@ -203,3 +204,48 @@ def test_unsupported_trainer_and_settings_fail_clearly(tmp_path) -> None:  # noq
         AttributionConfig(TARGET, p=1.5)
     sub = with_attribution(type("MyGRPO", (GRPOTrainer,), {}))
     assert sub.__name__ == "IIFMyGRPO" and issubclass(sub, GRPOTrainer)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "rloo"])
+def test_dead_rows_for_equal_rank_sizes_add_no_gradient(tmp_path, loss_type: str) -> None:  # noqa: ANN001
+    cls = IIFRLOOTrainer if loss_type == "rloo" else IIFGRPOTrainer
+    over = {} if loss_type == "rloo" else {"loss_type": loss_type}
+    t = make(cls, tmp_path, AttributionConfig(TARGET), **over)
+    out = _generate(t, PROMPTS[:2])
+    keep = torch.tensor([True, False, True, True, False, True, False, True])
+    padded = compact_rows(out, keep, N)
+    assert padded["completion_ids"].shape[0] == N and int(padded["completion_mask"][5:].sum()) == 0
+    plain = keep_rows(out, keep)
+    if loss_type == "rloo":  # a row-mean loss: dead rows count as rows, so the loss scales by 5 / 8
+        torch.testing.assert_close(
+            _grad(t, t.compute_loss(t.model, padded)), _grad(t, t.compute_loss(t.model, plain)) * 5 / 8
+        )
+    else:  # token-normalised: exactly the gradient of the batch of kept rows
+        for d in (padded, plain):
+            d["num_items_in_batch"] = plain["completion_mask"].sum()
+        torch.testing.assert_close(
+            _grad(t, t.compute_loss(t.model, padded)), _grad(t, t.compute_loss(t.model, plain))
+        )
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_scores_and_drops(tmp_path) -> None:  # noqa: ANN001
+    """torchrun, 2 CPU processes (gloo): same gathered scores and keep masks on both ranks, synced weights."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    script = os.path.join(os.path.dirname(__file__), "trl_ddp_check.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", script, str(tmp_path), "dapo"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["num_processes"] == 2 and len(r0["scores"]) == 2
+    for s0, s1, k0, k1, l0, l1 in zip(
+        r0["scores"], r1["scores"], r0["keep"], r1["keep"], r0["local"], r1["local"], strict=True
+    ):
+        assert torch.equal(s0, s1) and torch.equal(k0, k1)
+        assert torch.equal(s0[: l0.numel()], l0) and torch.equal(s0[l0.numel() :], l1)
+        assert not (k0 & (s0 < 0)).any()
+    assert torch.equal(r0["params"], r1["params"])
