@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from rlattr.core.grads import _resolve_params, batch_size, slice_batch
 from rlattr.core.task import Batch, Params, Task
@@ -60,6 +60,7 @@ class ObjectiveHessian:
         shift: ``l2 + damping``, added to the diagonal.
         normalizer: the N of the mean (default: the number of records in ``batch``).
         chunk_size: records per Hessian-vector-product pass (bounds memory).
+        output, output_loss: use the Gauss-Newton matrix (see the module docstring).
     """
 
     def __init__(
@@ -71,7 +72,12 @@ class ObjectiveHessian:
         shift: float = 0.0,
         normalizer: int | None = None,
         chunk_size: int = 1024,
+        output: Callable[[Params, Batch], Tensor] | None = None,
+        output_loss: Callable[[Tensor, Batch], Tensor] | None = None,
     ) -> None:
+        if (output is None) != (output_loss is None):
+            raise ValueError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
+        self.output, self.output_loss = output, output_loss
         if shift < 0 or not math.isfinite(shift):
             raise ValueError(f"damping: l2 + damping must be a finite number >= 0, got {shift}")
         self.task, self.batch, self.shift = task, batch, float(shift)
@@ -86,7 +92,29 @@ class ObjectiveHessian:
     def dim(self) -> int:
         return self.layout.dim
 
+    def _ggn_chunk(self, chunk: Batch, vs: Tensor) -> Tensor:
+        assert self.output is not None and self.output_loss is not None
+        out_fn, loss_fn = self.output, self.output_loss
+
+        def outputs(theta: Tensor) -> Tensor:
+            return out_fn(self.layout.unflatten(theta), chunk)
+
+        z, pullback = vjp(outputs, self.theta)
+        z = z.detach()
+
+        def loss_grad(zz: Tensor) -> Tensor:
+            return grad(lambda u: loss_fn(u, chunk).sum())(zz)
+
+        def gvp(v: Tensor) -> Tensor:
+            jv = jvp(outputs, (self.theta,), (v,))[1]
+            ajv = jvp(loss_grad, (z,), (jv,))[1]
+            return pullback(ajv)[0]
+
+        return vmap(gvp)(vs)
+
     def _hvp_chunk(self, chunk: Batch, vs: Tensor) -> Tensor:
+        if self.output is not None:
+            return self._ggn_chunk(chunk, vs)
         def total(theta: Tensor) -> Tensor:
             return self.task.loss(self.layout.unflatten(theta), chunk).sum()
 

@@ -29,12 +29,15 @@ from rlattr.core.task import Batch, Task
 
 
 def _hessian_solver(
-    task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, **opts: Any
+    task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, curvature: dict[str, Any], **opts: Any
 ) -> Any:
-    return SOLVERS[strategy](ObjectiveHessian(task, batch, shift=shift, chunk_size=chunk_size), **opts)
+    hessian = ObjectiveHessian(task, batch, shift=shift, chunk_size=chunk_size, **curvature)
+    return SOLVERS[strategy](hessian, **opts)
 
 
-def _ekfac_solver(task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, **opts: Any) -> Any:
+def _ekfac_solver(
+    task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, curvature: dict[str, Any], **opts: Any
+) -> Any:
     return EKFACSolver(task, batch, shift=shift, **opts)
 
 
@@ -48,7 +51,16 @@ STRATEGIES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 
 
 def build_solver(
-    task: Task, batch: Batch, strategy: str, *, l2: float, damping: float, chunk_size: int, **options: Any
+    task: Task,
+    batch: Batch,
+    strategy: str,
+    *,
+    l2: float,
+    damping: float,
+    chunk_size: int,
+    output: Callable[..., Tensor] | None = None,
+    output_loss: Callable[..., Tensor] | None = None,
+    **options: Any,
 ) -> Any:
     """An inverse-Hessian solver (``.solve(B: Tensor[d, k]) -> Tensor[d, k]``) for ``strategy``."""
     if strategy not in STRATEGIES:
@@ -65,7 +77,8 @@ def build_solver(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"options: {unknown} not understood by strategy {strategy!r}; it takes {allowed}")
-    return builder(task, batch, float(l2) + float(damping), chunk_size, strategy, **options)
+    curvature = {"output": output, "output_loss": output_loss}
+    return builder(task, batch, float(l2) + float(damping), chunk_size, strategy, curvature, **options)
 
 
 class InfluenceFunction(Attributor):
@@ -78,6 +91,9 @@ class InfluenceFunction(Attributor):
         l2: the L2 coefficient of the training objective (``(l2 / 2) ||theta||^2``); part of H.
         damping: extra numerical damping added to H's diagonal.
         hessian_data: records to estimate H on (default: the cached training records).
+        output, output_loss: ``(params, batch) -> Tensor[n, C]`` and ``(z, batch) -> Tensor[n]``:
+            use the Gauss-Newton matrix instead of the Hessian (explicit, CG, LiSSA); for
+            networks whose Hessian is indefinite. Equal to the Hessian for GLMs.
         chunk_size: records per vmap chunk.
         **options: the strategy's own options (see the module docstring).
     """
@@ -90,10 +106,15 @@ class InfluenceFunction(Attributor):
         l2: float = 0.0,
         damping: float = 0.0,
         hessian_data: Batch | None = None,
+        output: Callable[..., Tensor] | None = None,
+        output_loss: Callable[..., Tensor] | None = None,
         chunk_size: int = 128,
         **options: Any,
     ) -> None:
         super().__init__(task, chunk_size=chunk_size)
+        if (output is None) != (output_loss is None):
+            raise ValueError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
+        self.output, self.output_loss = output, output_loss
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
         self.strategy, self.l2, self.damping = strategy, l2, damping
@@ -109,6 +130,8 @@ class InfluenceFunction(Attributor):
             l2=self.l2,
             damping=self.damping,
             chunk_size=max(self.chunk_size, 256),
+            output=self.output,
+            output_loss=self.output_loss,
             **self.options,
         )
         self._train = self._train_features(train, None)

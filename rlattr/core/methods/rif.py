@@ -15,7 +15,7 @@ i's Hessian written as ``J_i^T A_i J_i`` (J_i: Jacobian of the record's outputs 
 A_i = d^2 loss / dz^2). For generalised linear models (logistic, multinomial logistic, linear
 regression) z is linear in theta, so this is exact: RIF equals the single-point Newton step. For
 other models it is the record's Gauss-Newton matrix (the curvature of the network's outputs is
-dropped). Without ``output`` / ``output_loss`` it falls back to the rank-one empirical Fisher
+dropped), and H is then the Gauss-Newton matrix too, so both terms agree. Without ``output`` / ``output_loss`` it falls back to the rank-one empirical Fisher
 ``hess l_i ~ g_i g_i^T``: ``score = IF / (1 - g_i^T H^-1 g_i / N)``, an approximation even for GLMs.
 """
 
@@ -86,10 +86,10 @@ class RescaledInfluence(InfluenceFunction):
         chunk_size: int = 128,
         **options: Any,
     ) -> None:
-        if (output is None) != (output_loss is None):
-            raise ValueError("output, output_loss: pass both (exact record Hessians) or neither (rank-one)")
         super().__init__(
             task,
+            output=output,
+            output_loss=output_loss,
             strategy=strategy,
             l2=l2,
             damping=damping,
@@ -97,7 +97,6 @@ class RescaledInfluence(InfluenceFunction):
             chunk_size=chunk_size,
             **options,
         )
-        self.output, self.output_loss = output, output_loss
         self.leverage: Tensor | None = None
 
     def _chunk_rescaled(self, grads: Tensor, batch: Batch, n_total: int) -> tuple[Tensor, Tensor]:

@@ -92,7 +92,7 @@ class LearnedWeights(Attributor):
             loss = topk_objective(contrib, g * torch.softmax(logits, 0), k, self.reg)
             loss.backward()
             opt.step()
-            self.history.append(float(loss))
+            self.history.append(float(loss.detach()))
         self.weights = (g * torch.softmax(logits.detach(), 0)).float()
         return self
 
