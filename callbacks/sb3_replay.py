@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from rlattr.callbacks.sb3 import preserved_rng
 from rlattr.callbacks.sb3_policy import check_model, records_from_buffer
+from rlattr.callbacks.sb3_validation import collect_validation
 from stable_baselines3.common.callbacks import BaseCallback
 
 from rlattr.rl.replay import RoundHyperparameters, RoundSnapshot
@@ -86,11 +88,25 @@ class RoundRecorder(BaseCallback):
 
     Args:
         rounds: round indices to record (0 = the first rollout); ``None`` records every round.
+        validation_env: a separate VecEnv; when given, ``validation_steps`` steps per env are
+            collected with theta(k) for each recorded round (``snapshot.validation``), drawing
+            from forked RNGs, for ``ReturnTarget(source="validation")``.
+        validation_steps: steps per environment of ``validation_env``.
         verbose: 1 prints a line per recorded round.
     """
 
-    def __init__(self, rounds: Iterable[int] | None = None, verbose: int = 0) -> None:
+    def __init__(
+        self,
+        rounds: Iterable[int] | None = None,
+        *,
+        validation_env: Any = None,
+        validation_steps: int = 512,
+        verbose: int = 0,
+    ) -> None:
         super().__init__(verbose=verbose)
+        if not isinstance(validation_steps, int) or validation_steps < 1:
+            raise ValueError(f"validation_steps: expected an integer >= 1, got {validation_steps!r}")
+        self.validation_env, self.validation_steps = validation_env, validation_steps
         if rounds is not None:
             rounds = {int(r) for r in rounds}
             if any(r < 0 for r in rounds):
@@ -122,7 +138,13 @@ class RoundRecorder(BaseCallback):
             "records": records_from_buffer(buffer, k),
             "rng_state": np.random.get_state(),
             "shape": (int(buffer.buffer_size), int(buffer.n_envs)),
+            "validation": None,
         }
+        if self.validation_env is not None:
+            with preserved_rng():
+                self._pending["validation"] = collect_validation(
+                    self.model, self.validation_env, self.validation_steps, k
+                )
 
     def _on_rollout_start(self) -> None:
         self._finish()
@@ -152,6 +174,7 @@ class RoundRecorder(BaseCallback):
             hyper=hyper,
             permutations=perms,
             theta_next={n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad},
+            validation=pending["validation"],
             meta={
                 "round": pending["round"],
                 "rng_verified": bool(used),

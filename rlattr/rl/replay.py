@@ -99,6 +99,9 @@ class RoundSnapshot:
         permutations: ``n_epochs`` tensors ``Tensor[n]`` int64 of record positions: the order in
             which epoch e visits the records (minibatch b = slice b of it).
         theta_next: theta(k+1) as the framework computed it (for checking), or ``None``.
+        validation: held-out transitions collected with theta(k), for a validation-sourced
+            target (``ReturnTarget(source="validation")``), or ``None``.
+        meta: free-form facts about the recording (round, RNG check ...).
     """
 
     theta: dict[str, Tensor]
@@ -108,6 +111,7 @@ class RoundSnapshot:
     hyper: RoundHyperparameters
     permutations: list[Tensor]
     theta_next: dict[str, Tensor] | None = None
+    validation: RecordBatch | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -198,7 +202,13 @@ class _TracInAccumulator:
     ) -> None:
         config = replace(snapshot.hyper.loss_config(), advantage_norm="none")
         self.task, _, self.target_batch = build_round_task(
-            model, actor_eval, snapshot.records, target, config=config, params=actor_params
+            model,
+            actor_eval,
+            snapshot.records,
+            target,
+            config=config,
+            params=actor_params,
+            validation=snapshot.validation,
         )
         self.scores = torch.zeros(len(snapshot.records), dtype=torch.float64)
         self.chunk_size = chunk_size

@@ -25,7 +25,7 @@ policies (:func:`intervention_thetas`; the caller measures their evaluation retu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -82,7 +82,7 @@ class RoundContext:
     def target_value(self, theta: dict[str, Tensor]) -> Tensor:
         """The target at a policy: ``Tensor[1]``."""
         assert self.target is not None
-        fn, batch = self.target.build(self.actor_eval, self.snapshot.records)
+        fn, batch = self.target.build(self.actor_eval, self.snapshot.records, self.snapshot.validation)
         with torch.no_grad():
             return fn({k: theta[k] for k in self.actor_params}, batch).reshape(1).detach().double()
 
@@ -115,6 +115,7 @@ def score_grad_dot(ctx: RoundContext) -> Tensor:
             ctx.target,
             config=ctx.score_config(),
             params=ctx.actor_params,
+            validation=ctx.snapshot.validation,
         )
     return result.scores.double()
 
@@ -153,7 +154,7 @@ def score_influence(ctx: RoundContext, damping_ratio: float = 2.0, max_iter: int
     with params_loaded(ctx.model, ctx.snapshot.theta):
         task, train, query = build_round_task(
             ctx.model, ctx.actor_eval, ctx.snapshot.records, ctx.target,
-            config=ctx.score_config(), params=ctx.actor_params,
+            config=ctx.score_config(), params=ctx.actor_params, validation=ctx.snapshot.validation,
         )  # fmt: skip
         scale = spectral_radius(ObjectiveHessian(task, train, chunk_size=4096))
         attributor = InfluenceFunction(
@@ -170,7 +171,7 @@ def score_learned_weights(ctx: RoundContext) -> Tensor:
     with params_loaded(ctx.model, ctx.snapshot.theta):
         task, train, query = build_round_task(
             ctx.model, ctx.actor_eval, ctx.snapshot.records, ctx.target,
-            config=ctx.score_config(), params=ctx.actor_params,
+            config=ctx.score_config(), params=ctx.actor_params, validation=ctx.snapshot.validation,
         )  # fmt: skip
         weighted = LearnedWeights(GradDot(task, chunk_size=512)).cache(train).fit(query)
         return weighted.attribute(query)[0].double()
@@ -185,18 +186,27 @@ SCORERS: dict[str, Callable[[RoundContext], Tensor]] = {
 
 
 def local_ground_truth(
-    ctx: RoundContext, num_subsets: int, *, fraction: float = 0.5, seed: int = 0
+    ctx: RoundContext,
+    num_subsets: int,
+    *,
+    fraction: float = 0.5,
+    seed: int = 0,
+    targets: Sequence[TargetSpec] = (),
 ) -> tuple[Tensor, Tensor]:
-    """``(masks: Tensor[M, n] bool, targets: Tensor[M])``: the target after re-running the round
-    from theta(k) on each seeded random subset (subset s uses minibatch seed ``seed + s``)."""
+    """``(masks: Tensor[M, n] bool, values: Tensor[M, m])``: the round re-run from theta(k) on each
+    seeded random subset (subset s uses minibatch seed ``seed + s``), then measured by ``ctx.target``
+    (column 0) and each of ``targets`` (columns 1 ..)."""
     n = len(ctx.snapshot.records)
     masks = subset_masks(n, num_subsets, fraction, seed)
+    contexts = [ctx, *(replace(ctx, target=t) for t in targets)]
 
     def retrain(weights: Tensor, s: int) -> dict[str, Tensor]:
         return retrain_subset(ctx.model, ctx.policy_eval, ctx.snapshot, weights > 0, s)
 
-    targets = subset_retraining(retrain, ctx.target_value, masks, seed=seed)
-    return masks, targets[:, 0]
+    def evaluate(theta: dict[str, Tensor]) -> Tensor:
+        return torch.cat([c.target_value(theta) for c in contexts])
+
+    return masks, subset_retraining(retrain, evaluate, masks, seed=seed)
 
 
 def lds_with_ci(

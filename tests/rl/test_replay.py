@@ -63,11 +63,26 @@ def test_replay_reproduces_sb3_theta_next(space: spaces.Space, kwargs: dict) -> 
         assert result.n_updates == 3 * 4  # 3 epochs of ceil(32 / 10) minibatches
 
 
-def test_recorder_leaves_training_unchanged() -> None:
+def test_recorder_leaves_training_unchanged_and_collects_validation() -> None:
     plain = tiny_ppo(DISCRETE)
     plain.learn(64)
-    model, _ = recorded(DISCRETE)
+    model = tiny_ppo(DISCRETE)
+    validation_env = DummyVecEnv([lambda: ToyEnv(DISCRETE)])
+    validation_env.seed(1)
+    recorder = RoundRecorder(validation_env=validation_env, validation_steps=12)
+    model.learn(64, callback=recorder)
     assert max_abs_diff(dict(plain.policy.named_parameters()), dict(model.policy.named_parameters())) == 0.0
+    snap = recorder.snapshots[1]
+    assert snap.validation is not None and len(snap.validation) == 12 and snap.meta["rng_verified"]
+    result = replay_round(
+        model.policy,
+        SB3PolicyEval(model.policy, with_values=True),
+        snap,
+        tracin_target=ReturnTarget(source="validation"),
+        actor_eval=SB3PolicyEval(model.policy),
+    )
+    assert result.tracin is not None and torch.isfinite(result.tracin).all()
+    assert max_abs_diff(result.theta, snap.theta_next) <= 1e-6
 
 
 def test_sb3_permutations_map_env_major_to_step_major() -> None:

@@ -50,7 +50,9 @@ def test_lds_with_ci_hand_checked() -> None:
 
 
 def test_ground_truth_matches_direct_retraining_and_is_seeded(ctx: RoundContext) -> None:
-    masks, targets = local_ground_truth(ctx, 4, fraction=0.5, seed=7)
+    masks, values = local_ground_truth(ctx, 4, fraction=0.5, seed=7)
+    assert values.shape == (4, 1)
+    targets = values[:, 0]
     assert torch.equal(masks, subset_masks(len(ctx.snapshot.records), 4, 0.5, 7))
     assert masks.sum(1).tolist() == [16] * 4
     rec = ctx.snapshot.records
@@ -60,12 +62,13 @@ def test_ground_truth_matches_direct_retraining_and_is_seeded(ctx: RoundContext)
             _, logp, _ = ctx.model.evaluate_actions(rec.observations, rec.actions.long().flatten())
         assert float(targets[s]) == pytest.approx(float((logp * rec.advantages).mean()), abs=1e-6)
     again_masks, again = local_ground_truth(ctx, 4, fraction=0.5, seed=7)
-    assert torch.equal(again_masks, masks) and torch.equal(again, targets)
+    assert torch.equal(again_masks, masks) and torch.equal(again, values)
     assert not torch.equal(local_ground_truth(ctx, 4, fraction=0.5, seed=8)[0], masks)
 
 
 def test_local_lds_equals_scipy_spearman(ctx: RoundContext) -> None:
-    masks, targets = local_ground_truth(ctx, 8, seed=1)
+    masks, values = local_ground_truth(ctx, 8, seed=1)
+    targets = values[:, 0]
     scores = {k: SCORERS[k](ctx) for k in ("grad_dot", "tracin")}
     out = local_lds(ctx, scores, masks, targets, n_boot=100)
     for k, v in scores.items():
