@@ -313,13 +313,13 @@ class InfluenceCallback(BaseCallback):
         return self.last_scores.as_dict()
 
     # ----------------------------------------------------------------- outputs
-    def history_first_round(self) -> int:
-        """The round index of the first scored round (the current one if none was recorded yet)."""
-        return (
-            self.history[0]["round"]
-            if self.history
-            else (self.last_records.round_index if self.last_records else 0)
-        )
+    def _write_snapshot(self, records: RecordBatch, scores: RoundScores, summary: dict[str, Any]) -> int:
+        assert self._snapshots is not None
+        theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
+        extra = {k: v for k, v in self.last_probe.items() if k in ("probe_scores", "probe_logp")}
+        if self.last_probe and not self.history:  # the probes themselves, once, with the first round
+            extra.update({k: self.last_probe[k] for k in ("probe_observations", "probe_actions")})
+        return self._snapshots.write_round(records, scores, theta, summary, extra)
 
     def _record_round(self, scores: RoundScores) -> None:
         records = self.last_records
@@ -334,15 +334,11 @@ class InfluenceCallback(BaseCallback):
             "positive_fraction": float((s > 0).float().mean()),
             "seconds": scores.seconds,
         }
+        if self.last_probe:
+            summary["probe_net"] = self.last_probe["probe_scores"].sum(1).tolist()
+            summary["probe_logp"] = self.last_probe["probe_logp"].tolist()
         if self._snapshots is not None:
-            theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
-            if self.last_probe:
-                summary["probe_net"] = self.last_probe["probe_scores"].sum(1).tolist()
-                summary["probe_logp"] = self.last_probe["probe_logp"].tolist()
-            extra = {k: v for k, v in self.last_probe.items() if k in ("probe_scores", "probe_logp")}
-            if self.last_probe and records.round_index == self.history_first_round():
-                extra.update({k: self.last_probe[k] for k in ("probe_observations", "probe_actions")})
-            summary["disk_bytes"] = self._snapshots.write_round(records, scores, theta, summary, extra)
+            summary["disk_bytes"] = self._write_snapshot(records, scores, summary)
         if self._writer is not None:
             image = self.n_scored % self.image_every == 0
             self._writer.log_round(

@@ -284,3 +284,28 @@ def test_unsupported_algorithms_and_spaces_fail_clearly() -> None:
 def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         InfluenceCallback(**kwargs)
+
+
+def test_validation_target_leaves_ppo_unchanged_and_scores_against_validation_data() -> None:
+    from rlattr.callbacks.sb3_validation import collect_validation
+
+    val_env = make_vec_env("CartPole-v1", n_envs=1, seed=9)
+    holder: dict = {}
+
+    def make() -> InfluenceCallback:
+        holder["cb"] = InfluenceCallback(
+            target=ReturnTarget("validation"), validation_env=val_env, validation_steps=16
+        )
+        return holder["cb"]
+
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(_final_params(None).values(), _final_params(make).values(), strict=True)
+    )
+    cb = holder["cb"]
+    assert cb.last_scores.target == {"name": "return", "goal": "raise", "source": "validation"}
+    # the same pipeline, fed a validation batch by hand, gives finite scores of the right shape
+    val = collect_validation(cb.model, make_vec_env("CartPole-v1", n_envs=1, seed=9), 8, 0)
+    assert len(val) == 8 and val.id_list()[3] == (0, 3, 0)
+    with pytest.raises(TypeError, match="validation_env: expected a stable_baselines3 VecEnv"):
+        collect_validation(cb.model, object(), 8, 0)
