@@ -35,6 +35,7 @@ from rlattr.callbacks.sb3_policy import (
     tracked_param_names,
 )
 from rlattr.callbacks.sb3_validation import collect_validation
+from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
@@ -98,6 +99,8 @@ class InfluenceCallback(BaseCallback):
         chunk_size: records per JVP chunk.
         verbose: 1 prints one line per scored round.
     """
+
+    model: PPO  # checked in _init_callback
 
     def __init__(
         self,
@@ -192,7 +195,7 @@ class InfluenceCallback(BaseCallback):
             return Path(self.log_dir)
         logger = self.model.logger
         if any(isinstance(f, TensorBoardOutputFormat) for f in logger.output_formats) and logger.get_dir():
-            return Path(logger.get_dir())
+            return Path(str(logger.get_dir()))
         return None
 
     def _settings(self) -> dict[str, Any]:
@@ -240,7 +243,7 @@ class InfluenceCallback(BaseCallback):
         if norm == "auto":
             norm = "buffer" if model.normalize_advantage else "none"
         return PPOLossConfig(
-            clip_range=float(model.clip_range(progress)),
+            clip_range=float(model.clip_range(progress)),  # type: ignore[operator]
             ent_coef=float(model.ent_coef),
             vf_coef=float(model.vf_coef),
             advantage_norm=norm,
@@ -325,7 +328,7 @@ class InfluenceCallback(BaseCallback):
         records = self.last_records
         assert records is not None
         s = scores.scores if scores.scores.dim() == 1 else scores.scores.mean(0)
-        summary = {
+        summary: dict[str, Any] = {
             "round": records.round_index,
             "timesteps": int(self.model.num_timesteps),
             "n_records": len(records),

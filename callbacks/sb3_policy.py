@@ -148,7 +148,7 @@ class SB3PolicyEval:
             yield
         finally:
             if hasattr(dist, "distribution"):
-                dist.distribution = saved
+                dist.distribution = saved  # type: ignore[assignment]
 
 
 def records_from_buffer(buffer: RolloutBuffer, round_index: int) -> RecordBatch:

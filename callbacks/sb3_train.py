@@ -109,7 +109,8 @@ def train(config: TrainConfig, *, progress_bar: bool = True, argv: list[str] | N
     try:
         model.learn(config.total_timesteps, callback=callback, progress_bar=progress_bar)
     finally:
-        model.env.close()
+        if model.env is not None:
+            model.env.close()
     seconds = time.perf_counter() - start
     attr_seconds = sum(h["seconds"] for h in callback.history)
     save_json(

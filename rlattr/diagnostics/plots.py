@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -40,7 +40,7 @@ def score_distributions(rounds: Sequence[int], scores: Sequence[Tensor], max_box
     return fig
 
 
-def summary_curves(rounds: Sequence[int], series: dict[str, Sequence[float]]) -> Figure:
+def summary_curves(rounds: Sequence[int], series: Mapping[str, Sequence[float]]) -> Figure:
     """One panel per named series over rounds (e.g. positive fraction, seconds)."""
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), dpi=90, squeeze=False)
     for ax, (name, values) in zip(axes[0], series.items(), strict=True):
