@@ -174,6 +174,8 @@ class InfluenceCallback(BaseCallback):
         policy = self.model.policy
         self.param_names = tracked_param_names(policy, self.params)
         self.policy_eval = SB3PolicyEval(policy, with_values=self.params == "all")
+        if self._snapshots is not None:  # a later learn() call continues the same run folder
+            return
         self.run_dir = self._resolve_run_dir()
         if self.run_dir is not None:
             meta = run_metadata(

@@ -133,3 +133,10 @@ def test_probe_scores_are_action_target_scores(tmp_path) -> None:
     torch.testing.assert_close(last["probe_scores"], ref.scores, rtol=1e-5, atol=1e-6)
     assert last["probe_logp"].shape == (3,) and (last["probe_logp"] < 0).all()
     assert run.summaries[1]["probe_net"] == pytest.approx(ref.scores.sum(1).tolist(), rel=1e-4, abs=1e-5)
+
+
+def test_second_learn_call_continues_the_run(tmp_path) -> None:
+    model, cb = _learn(tmp_path, rounds=2)
+    model.learn(32, callback=cb, reset_num_timesteps=False)
+    run = rlattr.load_run(cb.run_dir)
+    assert run.rounds == [0, 1, 2] and run.scores(2).ids[0].tolist() == [2, 0, 0]
