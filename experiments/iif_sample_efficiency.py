@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from iif_envs import METHODS, OPTIMIZERS, run_one  # noqa: E402
 
-from rlattr.rl.efficiency import bootstrap_efficiency, mean_and_band  # noqa: E402
+from rlattr.rl.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"name", "env_id", "rounds", "ppo", "optimizer", "policy", "iif", "eval"}
@@ -180,11 +180,24 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
                 n_boot=int(metric.get("n_boot", 1000)),
             )
         results["methods"][method] = entry
+    results["noise_floor"] = noise_floor(base, n_levels=int(metric.get("n_levels", 20)))
     results["provenance"] = provenance()
     _atomic_json(out / "results.json", results)
     plot_curves(runs, out / "curves.png", cfg)
     (out / "table.md").write_text(markdown_table([results]))
     return results
+
+
+def noise_floor(base: np.ndarray, *, n_levels: int) -> dict[str, float] | None:
+    """SE of one half of the PPO seeds against the other half: what seed noise alone produces.
+
+    ``base``: ``float[n_seeds, n_rounds]``; even-indexed seeds against odd-indexed ones, both ways.
+    """
+    if len(base) < 2:
+        return None
+    even, odd = base[0::2].mean(0), base[1::2].mean(0)
+    a, b = efficiency(even, odd, n_levels=n_levels), efficiency(odd, even, n_levels=n_levels)
+    return {"se_ave_even_vs_odd": a.se_ave, "se_ave_odd_vs_even": b.se_ave, "se_peak_even_vs_odd": a.se_peak}
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, cfg: dict[str, Any]) -> None:
