@@ -174,6 +174,9 @@ class InfluenceCallback(BaseCallback):
         policy = self.model.policy
         self.param_names = tracked_param_names(policy, self.params)
         self.policy_eval = SB3PolicyEval(policy, with_values=self.params == "all")
+        # torch loads its forward-mode AD decompositions on the first jvp of a process (~0.5-1 s):
+        # pay it here, at training start, rather than inside round 0's timing.
+        torch.func.jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
         if self._snapshots is not None:  # a later learn() call continues the same run folder
             return
         self.run_dir = self._resolve_run_dir()

@@ -138,8 +138,9 @@ def ppo_record_loss(policy_eval: PolicyEval, config: PPOLossConfig) -> LossFn:
 
     def loss(params: Params, batch: Batch) -> Tensor:
         out = policy_eval(params, batch["observations"], batch["actions"])
-        adv = batch["norm_advantages"].to(out.log_prob.dtype)
-        old = batch["old_log_prob"].to(out.log_prob.dtype)
+        dtype, device = out.log_prob.dtype, out.log_prob.device
+        adv = batch["norm_advantages"].to(dtype=dtype, device=device)
+        old = batch["old_log_prob"].to(dtype=dtype, device=device)
         total = ppo_policy_loss(out.log_prob, old, adv, config.clip_range)
         if config.ent_coef != 0.0:
             entropy = out.entropy if out.entropy is not None else -out.log_prob
@@ -149,7 +150,7 @@ def ppo_record_loss(policy_eval: PolicyEval, config: PPOLossConfig) -> LossFn:
                 raise ValueError(
                     "policy_eval: include_value_loss needs values, but the evaluator returned None"
                 )
-            returns = batch["returns"].to(out.values.dtype)
+            returns = batch["returns"].to(dtype=out.values.dtype, device=out.values.device)
             total = total + config.vf_coef * (returns - out.values.reshape(-1)) ** 2
         return total
 

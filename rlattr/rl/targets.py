@@ -79,7 +79,7 @@ class ReturnTarget(TargetSpec):
 
         def target(params: Params, b: Batch) -> Tensor:
             logp = _log_prob(policy_eval, params, b)
-            return (logp * b["advantages"].to(logp.dtype)).mean()
+            return (logp * b["advantages"].to(dtype=logp.dtype, device=logp.device)).mean()
 
         return target, batch
 
