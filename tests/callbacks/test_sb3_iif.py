@@ -99,10 +99,12 @@ def test_train_sees_exactly_the_kept_records_every_epoch() -> None:
     assert model._n_updates == 3 * EPOCHS
 
 
-def test_dropped_records_are_the_neg_bottom_ones() -> None:
+def test_dropped_records_are_the_neg_bottom_ones(tmp_path: Path) -> None:
     model = _model(n_epochs=1)
-    cb = IIFCallback(drop="neg-bottom", p=0.5, min_keep=1)
+    cb = IIFCallback(drop="neg-bottom", p=0.5, min_keep=1, log_dir=tmp_path, tensorboard=False)
     model.learn(N_STEPS * N_ENVS, callback=cb)
+    saved = json.loads((tmp_path / "rlattr" / "iif" / "round_00000.json").read_text())
+    assert saved["dropped_ids"] == cb.filter_history[0]["dropped_ids"]
     scores = cb.last_scores.scores
     expected = NegBottom(0.5)(scores)
     ids = cb.last_records.ids.tolist()
