@@ -196,7 +196,9 @@ def _jvp_chunk(task: Task, params: Params, chunk: Batch, direction: Params, name
     def f(q: Params) -> Tensor:
         return task.loss({**fixed, **q}, chunk)
 
-    return jvp(f, (primals,), (tangents,))[1]
+    value, tangent = jvp(f, (primals,), (tangents,))
+    _check_loss(value, batch_size(chunk))  # the JVP's primal output: no extra forward pass for the check
+    return tangent
 
 
 def directional_scores(
@@ -225,9 +227,6 @@ def directional_scores(
     out = torch.empty(n, len(groups), dtype=next(iter(p.values())).dtype)
     for start, stop in _chunks(n, chunk_size):
         chunk = slice_batch(batch, start, stop)
-        if start == 0:
-            with torch.no_grad():
-                _check_loss(task.loss(p, chunk), stop - start)
         for j, g in enumerate(groups):
             out[start:stop, j] = _jvp_chunk(task, p, chunk, direction, members[g]).detach().to(out.dtype)
     _check_finite("directional scores", out)
