@@ -52,6 +52,28 @@ class RoundScores:
         }
 
 
+def average_duplicates(records: RecordBatch, scores: Tensor, *, max_features: int = 4096) -> Tensor:
+    """``scores`` (``Tensor[n]`` or ``Tensor[..., n]``) with identical records' scores averaged.
+
+    Records are identical when observation, action, old log-prob and advantage all match (the
+    paper's rule). Only the per-record normalisation ``"minibatch"`` can give identical records
+    different scores; with ``"buffer"`` or ``"none"`` this is a no-op. Records with more than
+    ``max_features`` numbers (large images) are left as they are, as exact matches are then
+    both rare and costly to find.
+    """
+    n = len(records)
+    parts = [records.observations, records.actions, records.old_log_prob, records.advantages]
+    key = torch.cat([p.reshape(n, -1).to(torch.float64) for p in parts], dim=1)
+    if key.shape[1] > max_features:
+        return scores
+    _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    if int(counts.max()) == 1:
+        return scores
+    sums = torch.zeros(*scores.shape[:-1], counts.shape[0], dtype=scores.dtype)
+    sums.index_add_(scores.dim() - 1, inverse, scores)
+    return (sums / counts.to(scores.dtype))[..., inverse]
+
+
 def round_batch(records: RecordBatch, config: PPOLossConfig, minibatch_of: Tensor | None = None) -> Batch:
     """The training batch of the round's Task: the records plus ``norm_advantages: Tensor[n]``."""
     norm = normalise_advantages(records.advantages, config.advantage_norm, minibatch_of)
@@ -137,8 +159,12 @@ def score_round(
     validation: RecordBatch | None = None,
     minibatch_of: Tensor | None = None,
     chunk_size: int = 4096,
+    dedupe: bool = True,
 ) -> RoundScores:
-    """Score every record of ``records`` against ``target`` at the model's current parameters."""
+    """Score every record of ``records`` against ``target`` at the model's current parameters.
+
+    ``dedupe`` averages the scores of identical records (:func:`average_duplicates`).
+    """
     start = time.perf_counter()
     task, train_batch, target_batch = build_round_task(
         model,
@@ -152,6 +178,10 @@ def score_round(
         minibatch_of=minibatch_of,
     )
     scores, grouped = score_task(task, train_batch, target_batch, by_group=by_group, chunk_size=chunk_size)
+    if dedupe and config.advantage_norm == "minibatch":
+        scores = average_duplicates(records, scores)
+        if grouped is not None:
+            grouped = average_duplicates(records, grouped.movedim(-1, 0)).movedim(0, -1)
     return RoundScores(
         scores=scores,
         ids=records.ids.clone(),
@@ -162,4 +192,11 @@ def score_round(
     )
 
 
-__all__ = ["RoundScores", "build_round_task", "round_batch", "score_round", "score_task"]
+__all__ = [
+    "RoundScores",
+    "average_duplicates",
+    "build_round_task",
+    "round_batch",
+    "score_round",
+    "score_task",
+]

@@ -131,3 +131,19 @@ def test_target_errors_name_the_argument() -> None:
     model, rec = make_round()
     with pytest.raises(ValueError, match="validation"):
         score_round(model, make_eval(model), rec, ReturnTarget("validation"), config=PPOLossConfig())
+
+
+def test_duplicates_are_averaged() -> None:
+    from rlattr.rl.attribution import average_duplicates
+
+    _, rec = make_round(n=6)
+    t = rec.to_tensors()
+    for name in ("observations", "actions", "old_log_prob", "advantages"):
+        t[name][4] = t[name][1]  # record 4 duplicates record 1
+    dup = RecordBatch.from_tensors(t)
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0, 5.0])
+    out = average_duplicates(dup, scores)
+    assert out.tolist() == [1.0, 4.0, 3.0, 4.0, 4.0, 5.0]
+    two = average_duplicates(dup, torch.stack([scores, -scores]))
+    assert two[1].tolist() == [-1.0, -4.0, -3.0, -4.0, -4.0, -5.0]
+    torch.testing.assert_close(average_duplicates(rec, scores), scores)
