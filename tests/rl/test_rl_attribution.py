@@ -137,7 +137,7 @@ def test_duplicates_are_averaged() -> None:
     from rlattr.rl.attribution import average_duplicates
 
     _, rec = make_round(n=6)
-    t = rec.to_tensors()
+    t = {k: v.clone() for k, v in rec.to_tensors().items()}
     for name in ("observations", "actions", "old_log_prob", "advantages"):
         t[name][4] = t[name][1]  # record 4 duplicates record 1
     dup = RecordBatch.from_tensors(t)
