@@ -41,6 +41,9 @@ class Capture(InfluenceCallback):
                 "obs": np.copy(buf.observations),
                 "actions": np.copy(buf.actions),
                 "advantages": np.copy(buf.advantages),
+                "labels": sb3_policy.first_epoch_minibatches(
+                    self.model.n_steps, self.model.n_envs, self.model.batch_size
+                ),
             }
         )
 
@@ -60,7 +63,7 @@ def _float64_inputs():
     return stack
 
 
-def brute_force(policy, records, config, names) -> torch.Tensor:
+def brute_force(policy, records, config, names, labels=None) -> torch.Tensor:
     """Per record: autograd of its PPO loss at theta(k), dotted with the autograd target gradient."""
     pol = copy.deepcopy(policy).double()
     params = dict(pol.named_parameters())
@@ -69,6 +72,11 @@ def brute_force(policy, records, config, names) -> torch.Tensor:
     acts = records.actions.long().flatten() if discrete else records.actions.double()
     adv_raw = records.advantages.double()
     adv = (adv_raw - adv_raw.mean()) / (adv_raw.std() + 1e-8)
+    if config.advantage_norm == "minibatch":
+        adv = adv_raw.clone()
+        for label in labels.unique():
+            m = labels == label
+            adv[m] = (adv_raw[m] - adv_raw[m].mean()) / (adv_raw[m].std() + 1e-8)
     with _float64_inputs():
         _, logp_all, _ = pol.evaluate_actions(records.observations, acts)
         target = (logp_all * adv_raw).mean()
@@ -107,7 +115,9 @@ CASES = {
 }
 
 
-def _run(case: str, params: str = "actor", rounds: int = 2, n_steps: int = 24) -> tuple[Capture, PPO]:
+def _run(
+    case: str, params: str = "actor", rounds: int = 2, n_steps: int = 24, norm: str = "auto"
+) -> tuple[Capture, PPO]:
     policy, env, extra = CASES[case]()
     model = PPO(
         policy,
@@ -120,27 +130,29 @@ def _run(case: str, params: str = "actor", rounds: int = 2, n_steps: int = 24) -
         device="cpu",
         policy_kwargs={**SMALL_NET, **extra},
     )
-    cb = Capture(target="return", params=params)
+    cb = Capture(target="return", params=params, advantage_norm=norm)
     model.learn(rounds * n_steps * env.num_envs, callback=cb)
     return cb, model
 
 
 @pytest.mark.parametrize(
-    ("case", "params"),
+    ("case", "params", "norm"),
     [
-        ("discrete", "actor"),
-        ("discrete", "all"),
-        ("box", "actor"),
-        ("cnn", "actor"),
-        ("multidiscrete", "actor"),
-        ("multibinary", "actor"),
+        ("discrete", "actor", "auto"),
+        ("discrete", "all", "auto"),
+        ("box", "actor", "auto"),
+        ("box", "actor", "minibatch"),
+        ("cnn", "actor", "auto"),
+        ("multidiscrete", "actor", "auto"),
+        ("multibinary", "actor", "auto"),
     ],
 )
-def test_scores_match_float64_brute_force(case: str, params: str) -> None:
-    cb, _ = _run(case, params)
+def test_scores_match_float64_brute_force(case: str, params: str, norm: str) -> None:
+    cb, _ = _run(case, params, norm=norm)
     last = cb.captured[-1]
     assert last["records"].round_index == 1
-    ref = brute_force(last["policy"], last["records"], last["config"], cb.param_names)
+    assert last["config"].advantage_norm == ("buffer" if norm == "auto" else norm)
+    ref = brute_force(last["policy"], last["records"], last["config"], cb.param_names, last["labels"])
     got = last["scores"].scores.double()
     scale = ref.abs().max()
     assert scale > 0
@@ -155,6 +167,7 @@ def test_scores_match_float64_brute_force(case: str, params: str) -> None:
             ReturnTarget(),
             config=last["config"],
             params=cb.param_names,
+            minibatch_of=last["labels"] if norm == "minibatch" else None,
         )
     torch.testing.assert_close(exact.scores.double(), ref, rtol=1e-4, atol=1e-7 * float(scale))
 
