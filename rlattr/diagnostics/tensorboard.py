@@ -1,7 +1,8 @@
 """TensorBoard logging of a round's attribution, under ``attr/`` tags, beside SB3's own tags.
 
 Tags: ``attr/score_hist`` (histogram), ``attr/positive_fraction``, ``attr/score_mean``,
-``attr/score_std``, ``attr/seconds``, ``attr/disk_mb``, ``attr/top_bottom`` (text table) and every N
+``attr/score_std``, ``attr/seconds``, ``attr/disk_mb``, ``attr/top_bottom`` (text table), with
+``by_group`` ``attr/layer_share/{layer}`` (each layer's share of sum |score parts|), and every N
 rounds ``attr/score_vs_advantage`` (image). The x-axis is the global timestep, as in SB3.
 """
 
@@ -69,6 +70,13 @@ class AttrWriter:
         if "disk_bytes" in summary:
             w.add_scalar("attr/disk_mb", summary["disk_bytes"] / 2**20, step)
         w.add_text("attr/top_bottom", top_bottom_table(records, s, top_k), step)
+        if scores.by_group is not None and scores.by_group.dim() == 2:
+            # share of each layer in the scores' total magnitude: where the attribution comes from
+            mag = scores.by_group.abs().sum(0)
+            for name, value in zip(
+                scores.group_names, (mag / mag.sum().clamp_min(1e-30)).tolist(), strict=True
+            ):
+                w.add_scalar(f"attr/layer_share/{name}", value, step)
         if image:
             from rlattr.diagnostics.plots import score_vs_advantage
 

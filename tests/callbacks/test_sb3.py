@@ -279,6 +279,13 @@ def test_unsupported_algorithms_and_spaces_fail_clearly() -> None:
     dict_env = make_vec_env(lambda: ToyEnv(spaces.Discrete(2), obs="dict"), n_envs=1)
     with pytest.raises(TypeError, match="Dict observations.*not supported"):
         PPO("MultiInputPolicy", dict_env, n_steps=8, batch_size=8).learn(8, callback=InfluenceCallback())
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    class RecurrentActorCriticPolicy(ActorCriticPolicy):
+        """Stands in for sb3_contrib's recurrent policy (not installed here)."""
+
+    with pytest.raises(TypeError, match="recurrent policies are not supported"):
+        PPO(RecurrentActorCriticPolicy, env, n_steps=8, batch_size=8).learn(8, callback=InfluenceCallback())
     pend = make_vec_env("Pendulum-v1", n_envs=1)
     with pytest.raises(ValueError, match="gSDE"):
         PPO("MlpPolicy", pend, n_steps=8, batch_size=8, use_sde=True).learn(8, callback=InfluenceCallback())

@@ -72,7 +72,7 @@ def test_retention_keeps_every_kth_and_last_n(tmp_path) -> None:
 
 
 def test_tensorboard_events_carry_attr_tags(tmp_path) -> None:
-    _, cb = _learn(tmp_path, rounds=3, image_every=2, probe_states=3)
+    _, cb = _learn(tmp_path, rounds=3, image_every=2, probe_states=3, by_group=True)
     acc = EventAccumulator(str(cb.run_dir), size_guidance={"tensors": 0, "images": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -91,6 +91,9 @@ def test_tensorboard_events_carry_attr_tags(tmp_path) -> None:
     assert pos == pytest.approx([h["positive_fraction"] for h in cb.history], abs=1e-6)
     assert [e.step for e in acc.Scalars("attr/seconds")] == [32, 64, 96]
     assert len(acc.Images("attr/score_vs_advantage")) == 2  # rounds 0 and 2
+    parts = cb.last_scores.by_group.abs().sum(0)
+    share = [acc.Scalars(f"attr/layer_share/{g}")[-1].value for g in cb.last_scores.group_names]
+    assert share == pytest.approx((parts / parts.sum()).tolist(), abs=1e-6)
 
 
 def test_a_second_run_refuses_to_overwrite(tmp_path) -> None:
