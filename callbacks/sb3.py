@@ -12,6 +12,9 @@ a :class:`~rlattr.rl.records.RecordBatch`, scores every record against the targe
 and writes a snapshot. It never changes what PPO does: it draws no random numbers (RNG states it
 must touch are put back), reads the buffer without modifying it, and leaves the parameters alone.
 
+The policy is evaluated in the mode the rollout left it in (eval mode); for the usual policies
+(no dropout, no batch norm) that equals what ``train()`` sees.
+
 Subclasses (e.g. IIF) override :meth:`InfluenceCallback._on_round_scored`, which receives the
 records and scores of the round right before SB3's ``train()`` runs on ``self.rollout_buffer``.
 """

@@ -11,6 +11,9 @@ with ``A~ = (A - mean_M A) / (std_M A + 1e-8)`` (unbiased std, skipped for B = 1
 the value parameters are tracked (``include_value_loss``), as the actor-only score of the paper
 leaves it out. With no analytic entropy SB3 uses ``-log pi``; so does :func:`ppo_record_loss`.
 
+Not mirrored, on purpose: ``max_grad_norm`` clipping acts on a minibatch's summed gradient, not on
+a record's, and the 1/B of the mean is a constant; neither changes the ranking of records.
+
 Which advantage normalisation the score uses (``advantage_norm``):
 
 * ``"buffer"`` (default when SB3 normalises): A~ with the mean and std of the whole round's
