@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rlattr.diagnostics.plots import save, score_distributions, score_vs_advantage, summary_curves
+from rlattr.diagnostics.validity import validity_section
 from rlattr.rl.records import format_id
 from rlattr.rl.snapshots import AttributionRun, load_run
 
@@ -89,8 +90,11 @@ def write_report(
     )
     tables = "".join(_table(run, k, top_k) for k in rounds[-recent:])
     hp = run.meta.get("hyperparameters", {})
+    target = run.meta.get("target", {})
     head = html.escape(
-        f"{hp.get('algorithm', '?')} on {hp.get('observation_space', '')} target={run.meta.get('target')}"
+        f"{hp.get('algorithm', '?')} ({hp.get('policy', '?')}), {hp.get('n_steps', '?')} steps x "
+        f"{hp.get('n_envs', '?')} envs per round, target: {target.get('name', '?')} "
+        f"({', '.join(f'{k}={v}' for k, v in target.items() if k != 'name')})"
     )
     page = (
         f"<html><head><meta charset='utf-8'><title>rlattr report</title><style>{_STYLE}</style></head><body>"
@@ -99,7 +103,7 @@ def write_report(
         "target.</p><h2>Per round</h2><img src='summary.png'><h2>Score distributions</h2>"
         f"<img src='distributions.png'><h2>Score vs advantage (round {last})</h2><img src='score_vs_adv.png'>"
         f"<h2>Behaviour formation</h2>{_behaviour(run, out_dir)}<h2>Top and bottom records</h2>{tables}"
-        "</body></html>"
+        f"{validity_section(run.root, out_dir)}</body></html>"
     )
     index = out_dir / "index.html"
     index.write_text(page)
