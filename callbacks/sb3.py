@@ -15,8 +15,14 @@ must touch are put back), reads the buffer without modifying it, and leaves the 
 The policy is evaluated in the mode the rollout left it in (eval mode); for the usual policies
 (no dropout, no batch norm) that equals what ``train()`` sees.
 
-Subclasses (e.g. IIF) override :meth:`InfluenceCallback._on_round_scored`, which receives the
-records and scores of the round right before SB3's ``train()`` runs on ``self.rollout_buffer``.
+For subclasses (e.g. IIF): override :meth:`InfluenceCallback._on_round_scored(records, scores)`,
+called after scoring and right before SB3's ``train()`` runs on ``self.rollout_buffer`` (still
+``(n_steps, n_envs, ...)``, not yet flattened). ``records`` is the round's
+:class:`~rlattr.rl.records.RecordBatch` (record r = env ``r % n_envs`` at step ``r // n_envs``;
+``records.ids: Tensor[n, 3]``), ``scores`` its :class:`~rlattr.rl.attribution.RoundScores`
+(``scores.scores: Tensor[n]`` in the same order, ``scores.as_dict()`` keyed by id). The same are
+kept as ``self.last_records`` / ``self.last_scores``; ``self.round_scores()`` gives the dict,
+``self.run_dir`` the run folder (or ``None``), ``self.history`` one summary dict per scored round.
 """
 
 from __future__ import annotations
