@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_grads.py
+	$(PY) experiments/bench_sb3_attribution.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
