@@ -37,7 +37,7 @@ def digits(completions: list[str], **kwargs: object) -> list[float]:
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
-def make(cls: type, tmp_path, attribution: AttributionConfig | None = None, **over: object):  # noqa: ANN001, ANN201
+def make(cls: type, tmp_path, attribution: AttributionConfig | None = None, peft=None, **over: object):  # noqa: ANN001, ANN201
     tok = char_tokenizer()
     rloo = issubclass(cls, RLOOTrainer)
     settings = {
@@ -60,6 +60,8 @@ def make(cls: type, tmp_path, attribution: AttributionConfig | None = None, **ov
         settings.setdefault("beta", 0.0)
     args = (RLOOConfig if rloo else GRPOConfig)(**settings)
     kw = {"attribution": attribution} if attribution is not None else {}
+    if peft is not None:
+        kw["peft_config"] = peft
     data = Dataset.from_dict({"prompt": PROMPTS})
     t = cls(
         model=tiny_gpt2(tok), reward_funcs=digits, args=args, train_dataset=data, processing_class=tok, **kw
@@ -97,16 +99,28 @@ def _single_row_grads(trainer, out: dict, rows: list[int], items: torch.Tensor |
 
 
 # per-row weight that turns TRL's single-row loss into the row's share of the whole batch's loss
-CASES = [("grpo", 1 / N), ("dapo", 1.0), ("dr_grpo", 1 / N), ("luspo", 1 / N), ("rloo", 1 / N)]
+CASES = [
+    ("grpo", 1 / N, False),
+    ("dapo", 1.0, False),
+    ("dr_grpo", 1 / N, False),
+    ("luspo", 1 / N, False),
+    ("rloo", 1 / N, False),
+    ("dapo", 1.0, True),  # LoRA adapters (peft): only they are tracked
+]
 
 
-@pytest.mark.parametrize(("loss_type", "row_weight"), CASES)
+@pytest.mark.parametrize(("loss_type", "row_weight", "lora"), CASES)
 def test_scores_equal_per_completion_autograd_on_trl_loss(
-    tmp_path, loss_type: str, row_weight: float
+    tmp_path, loss_type: str, row_weight: float, lora: bool
 ) -> None:  # noqa: ANN001
     cls = IIFRLOOTrainer if loss_type == "rloo" else IIFGRPOTrainer
     over = {} if loss_type == "rloo" else {"loss_type": loss_type}
-    t = make(cls, tmp_path, AttributionConfig(TARGET, drop=False, target_every=10**6), **over)
+    peft = None
+    if lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    t = make(cls, tmp_path, AttributionConfig(TARGET, drop=False, target_every=10**6), peft=peft, **over)
     out, target_out = _generate(t, PROMPTS[:2]), _generate(t, TARGET)
     # f_seq from TRL's own per-token log-probs, one backward pass
     ids = torch.cat([target_out["prompt_ids"], target_out["completion_ids"]], 1)
@@ -119,6 +133,8 @@ def test_scores_equal_per_completion_autograd_on_trl_loss(
     expected = torch.stack([-row_weight * (gf @ g) for g in gi])
     # the hook's path: its task, its direction, its per-pair scores
     t._attr_task = sequence_task(t.model, t._attr_loss)
+    if lora:
+        assert t._attr_task.tracked_names and all("lora_" in n for n in t._attr_task.tracked_names)
     direction = t._target_direction(target_out)
     torch.testing.assert_close(
         torch.cat([d.reshape(-1) for d in direction.values()]), gf, rtol=1e-4, atol=1e-6
