@@ -58,7 +58,8 @@ class TracIn(Attributor):
         chunk_size: int = 128,
     ) -> None:
         super().__init__(task, chunk_size=chunk_size)
-        self.checkpoints = list(checkpoints) if checkpoints is not None else [task.tracked_params()]
+        ckpts = list(checkpoints) if checkpoints is not None else [task.tracked_params()]
+        self.checkpoints = [{k: v.detach().clone() for k, v in c.items()} for c in ckpts]
         self.lrs = [float(x) for x in lrs] if lrs is not None else [1.0] * len(self.checkpoints)
         _check_checkpoints(task, self.checkpoints, self.lrs)
         if projector is not None and projector.dim_in != task.num_params:

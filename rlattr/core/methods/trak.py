@@ -58,7 +58,8 @@ class TRAK(Attributor):
         chunk_size: int = 128,
     ) -> None:
         super().__init__(task, chunk_size=chunk_size)
-        self.models = list(models) if models is not None else [task.tracked_params()]
+        members = list(models) if models is not None else [task.tracked_params()]
+        self.models = [{k: v.detach().clone() for k, v in m.items()} for m in members]
         _check_checkpoints(task, self.models, [1.0] * len(self.models))
         if proj_dim is not None and proj_dim < 1:
             raise ValueError(f"proj_dim: must be >= 1 or None, got {proj_dim}")
