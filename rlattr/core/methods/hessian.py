@@ -115,6 +115,7 @@ class ObjectiveHessian:
     def _hvp_chunk(self, chunk: Batch, vs: Tensor) -> Tensor:
         if self.output is not None:
             return self._ggn_chunk(chunk, vs)
+
         def total(theta: Tensor) -> Tensor:
             return self.task.loss(self.layout.unflatten(theta), chunk).sum()
 

@@ -29,14 +29,26 @@ from rlattr.core.task import Batch, Task
 
 
 def _hessian_solver(
-    task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, curvature: dict[str, Any], **opts: Any
+    task: Task,
+    batch: Batch,
+    shift: float,
+    chunk_size: int,
+    strategy: str,
+    curvature: dict[str, Any],
+    **opts: Any,
 ) -> Any:
     hessian = ObjectiveHessian(task, batch, shift=shift, chunk_size=chunk_size, **curvature)
     return SOLVERS[strategy](hessian, **opts)
 
 
 def _ekfac_solver(
-    task: Task, batch: Batch, shift: float, chunk_size: int, strategy: str, curvature: dict[str, Any], **opts: Any
+    task: Task,
+    batch: Batch,
+    shift: float,
+    chunk_size: int,
+    strategy: str,
+    curvature: dict[str, Any],
+    **opts: Any,
 ) -> Any:
     return EKFACSolver(task, batch, shift=shift, **opts)
 
