@@ -15,7 +15,8 @@ independent blocks; every tracked parameter must belong to a supported layer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +31,10 @@ class _Block:
     module: nn.Module
     weight: str
     bias: str | None
-    q_a: Tensor | None = None
-    q_s: Tensor | None = None
-    lam: Tensor | None = None
+    rows: int = 0
+    q_a: Tensor = field(default_factory=lambda: torch.empty(0))
+    q_s: Tensor = field(default_factory=lambda: torch.empty(0))
+    lam: Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 def _layer_blocks(task: Task) -> list[_Block]:
@@ -52,7 +54,9 @@ def _layer_blocks(task: Task) -> list[_Block]:
                 f"strategy: 'ekfac' supports nn.Linear and nn.Conv2d (groups=1, numeric padding) layers; "
                 f"tracked parameter {name!r} belongs to {type(mod).__name__}: track only such layers"
             )
-        blk = blocks.setdefault(mod_name, _Block(mod, weight="", bias=None))
+        blk = blocks.setdefault(
+            mod_name, _Block(mod, weight="", bias=None, rows=int(cast(Tensor, mod.weight).shape[0]))
+        )
         if pname == "weight":
             blk.weight = name
         else:
@@ -69,7 +73,11 @@ def _layer_rows(mod: nn.Module, inp: Tensor, out_grad: Tensor, bias: bool) -> tu
     """Inputs ``Tensor[rows, in']`` and output gradients ``Tensor[rows, out]`` of one layer."""
     if isinstance(mod, nn.Conv2d):
         patches = nn.functional.unfold(
-            inp, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride
+            inp,
+            mod.kernel_size,
+            dilation=mod.dilation,
+            padding=cast(tuple[int, ...], mod.padding),
+            stride=mod.stride,
         )
         a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         ds = out_grad.flatten(2).transpose(1, 2).reshape(-1, out_grad.shape[1])
@@ -159,7 +167,7 @@ class EKFACSolver:
 
     def _block_matrix(self, flat: Tensor, blk: _Block) -> Tensor:
         """``Tensor[k, d] -> Tensor[k, out, in']``: a layer's weight (and bias as the last column)."""
-        w = flat[:, self.layout.slices[blk.weight]].reshape(flat.shape[0], blk.module.weight.shape[0], -1)
+        w = flat[:, self.layout.slices[blk.weight]].reshape(flat.shape[0], blk.rows, -1)
         if blk.bias is None:
             return w
         return torch.cat([w, flat[:, self.layout.slices[blk.bias]].unsqueeze(-1)], dim=2)

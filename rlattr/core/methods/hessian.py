@@ -99,7 +99,8 @@ class ObjectiveHessian:
         def outputs(theta: Tensor) -> Tensor:
             return out_fn(self.layout.unflatten(theta), chunk)
 
-        z, pullback = vjp(outputs, self.theta)
+        primal = vjp(outputs, self.theta)
+        z, pullback = primal[0], primal[1]
         z = z.detach()
 
         def loss_grad(zz: Tensor) -> Tensor:
