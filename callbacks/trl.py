@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rlattr.callbacks.trl_logging import AttributionLogger, top_bottom_rows
 from torch import Tensor
 from trl import GRPOTrainer, RLOOTrainer
 
+from rlattr.callbacks.trl_batch import compact_rows, fit_to_micro_batches, keep_rows, pair_batch
+from rlattr.callbacks.trl_logging import AttributionLogger, top_bottom_rows
+from rlattr.core.task import Task
 from rlattr.rl.filtering import NegBottom, SelectionRule
 from rlattr.rl.sequence import (
     GRPO_LOSS_TYPES,
@@ -116,9 +118,9 @@ def _loss_config(trainer: Any) -> SequenceLossConfig:
             loss_type=trainer.loss_type,
             epsilon_low=trainer.epsilon_low,
             epsilon_high=trainer.epsilon_high,
-            delta=trainer.args.delta,
+            delta=getattr(trainer.args, "delta", None),
             beta=trainer.beta,
-            bias_correction_kl=bool(trainer.args.use_bias_correction_kl),
+            bias_correction_kl=bool(getattr(trainer.args, "use_bias_correction_kl", False)),
             importance_sampling_level=trainer.importance_sampling_level,
             temperature=trainer.temperature,
         )
@@ -134,92 +136,6 @@ def _loss_config(trainer: Any) -> SequenceLossConfig:
     raise TypeError(
         f"trainer: {type(trainer).__name__} is not supported; supported: {SUPPORTED_TRAINERS} and subclasses"
     )
-
-
-def pair_batch(out: dict[str, Any], beta: float = 0.0) -> dict[str, Tensor]:
-    """TRL's generation-batch dict -> the pair batch of :mod:`rlattr.rl.sequence` (scale not included)."""
-    if any(k in out for k in ("pixel_values", "image_grid_thw", "num_images")):
-        raise ValueError("inputs: multimodal batches are not supported by the attribution hook")
-    adv = out["advantages"]
-    if adv.dim() != 1:
-        raise ValueError(f"advantages: expected Tensor[n] (one per completion), got {tuple(adv.shape)}")
-    loss_mask = out["completion_mask"]
-    if "tool_mask" in out:
-        loss_mask = loss_mask * out["tool_mask"]
-    batch = {
-        "input_ids": torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1),
-        "attention_mask": torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1),
-        "loss_mask": loss_mask,
-        "advantages": adv,
-    }
-    old = out.get("old_per_token_logps", out.get("old_logps"))
-    if old is not None:
-        batch["old_logps"] = old
-    if beta != 0.0:
-        batch["ref_logps"] = out["ref_per_token_logps"]
-    return batch
-
-
-def keep_rows(out: dict[str, Any], keep: Tensor) -> dict[str, Any]:
-    """``out`` with only the rows where ``keep`` (``Tensor[n]`` bool) holds; 0-d tensors stay as they are."""
-    n = keep.numel()
-    idx = torch.nonzero(keep).flatten()
-    kept: dict[str, Any] = {}
-    for key, value in out.items():
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-            kept[key] = value[idx.to(value.device)]
-        elif isinstance(value, list) and len(value) == n:
-            kept[key] = [value[i] for i in idx.tolist()]
-        else:
-            kept[key] = value
-    return kept
-
-
-_DEAD_ZERO_KEYS = ("advantages", "completion_mask", "tool_mask", "old_logps")
-
-
-def compact_rows(out: dict[str, Any], keep: Tensor, n_rows: int) -> dict[str, Any]:
-    """The kept rows of ``out``, followed by ``n_rows - n_kept`` dead rows when ``n_rows`` is larger.
-
-    With several processes TRL gathers per-row tensors in ``compute_loss`` (its clip-ratio metrics),
-    which requires every rank to hold the same number of rows. A dead row is a dropped row with its
-    advantage, completion mask (and tool mask, and RLOO's old log-prob) set to zero: it contributes
-    no gradient and no loss token, but a row-mean loss (grpo, dr_grpo, luspo, rloo) counts it as a row.
-    """
-    kept = keep_rows(out, keep)
-    n_dead = n_rows - int(keep.sum())
-    if n_dead <= 0:
-        return kept
-    dropped = torch.nonzero(~keep).flatten()[:n_dead]
-    dead = keep_rows(out, torch.zeros_like(keep).index_fill_(0, dropped, True))
-    for key in _DEAD_ZERO_KEYS:
-        if isinstance(dead.get(key), Tensor):
-            dead[key] = torch.zeros_like(dead[key])
-    merged: dict[str, Any] = {}
-    for key, value in kept.items():
-        other = dead[key]
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == int(keep.sum()):
-            merged[key] = torch.cat([value, other])
-        elif isinstance(value, list) and len(value) == int(keep.sum()):
-            merged[key] = value + other
-        else:
-            merged[key] = value
-    return merged
-
-
-def fit_to_micro_batches(keep: Tensor, scores: Tensor, steps: int) -> Tensor:
-    """Add back the best-scored dropped rows until the kept count is a positive multiple of ``steps``.
-
-    TRL splits a generation batch into ``steps_per_generation`` equal micro-batches and discards the
-    remainder (``split_tensor_dict``), so a kept count that is not a multiple would lose rows.
-    """
-    keep = keep.clone()
-    k = int(keep.sum())
-    need = max(steps, -(-k // steps) * steps) - k
-    if need > 0:
-        order = torch.argsort(torch.where(keep, -torch.inf, scores.double()), descending=True, stable=True)
-        keep[order[:need]] = True
-    return keep
 
 
 @contextmanager
@@ -263,13 +179,22 @@ def _functorch_safe(model: torch.nn.Module) -> Iterator[None]:
 class AttributionMixin:
     """Mixin for ``GRPOTrainer`` / ``RLOOTrainer`` subclasses: ``attribution=AttributionConfig(...)``."""
 
+    # provided by the TRL trainer this mixin is combined with
+    accelerator: Any
+    args: Any
+    state: Any
+    model: Any
+    num_generations: Any
+    max_completion_length: Any
+    add_callback: Any
+
     def __init__(self, *args: Any, attribution: AttributionConfig | None = None, **kwargs: Any) -> None:
         if not isinstance(attribution, AttributionConfig):
             raise TypeError(f"attribution: expected an AttributionConfig, got {type(attribution).__name__}")
         super().__init__(*args, **kwargs)
         self.attribution = attribution
         self._attr_loss = _loss_config(self)
-        self._attr_task = None
+        self._attr_task: Task | None = None
         self._attr_direction: dict[str, Tensor] | None = None
         self._attr_round = 0
         self._attr_target_reward = float("nan")
@@ -279,7 +204,7 @@ class AttributionMixin:
         self.add_callback(self.attribution_logger)
 
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
-        out = super()._generate_and_score_completions(inputs)
+        out = super()._generate_and_score_completions(inputs)  # type: ignore[misc]
         if not self.model.training:
             return out
         return self._attribute_generation_batch(out)
@@ -293,8 +218,10 @@ class AttributionMixin:
         shard = rows[rank * per : (rank + 1) * per]
         return [copy.copy(r) for r in shard for _ in range(self.num_generations)]
 
-    def _target_direction(self, target_out: dict[str, Any]) -> dict[str, Tensor]:
-        direction = target_direction(self._attr_task, pair_batch(target_out))
+    def _target_direction(self, task: Task, target_out: dict[str, Any] | None) -> dict[str, Tensor]:
+        if target_out is None:
+            raise RuntimeError("attribution: no held-out generation to build f_seq from")
+        direction = target_direction(task, pair_batch(target_out))
         if self.accelerator.num_processes > 1:
             names = list(direction)
             flat = torch.cat([direction[k].reshape(-1) for k in names])
@@ -320,24 +247,24 @@ class AttributionMixin:
         model = self.accelerator.unwrap_model(self.model)
         if self._attr_task is None:
             self._attr_task = sequence_task(model, self._attr_loss)
+        task = self._attr_task
         t0 = time.perf_counter()
         target_out = None
         if self._attr_direction is None or self._attr_round % self.attribution.target_every == 0:
             with _metrics_restored(self) as found:  # in train mode: TRL's train-time sampling settings
-                target_out = super()._generate_and_score_completions(self._target_rows())
+                target_out = super()._generate_and_score_completions(self._target_rows())  # type: ignore[misc]
             self._attr_target_reward = found.get("target_reward", float("nan"))
         was_training = model.training
         model.eval()  # scores of the loss without dropout (identical to TRL's with disable_dropout=True)
         try:
             with torch.enable_grad(), _functorch_safe(model):
-                if target_out is not None:
-                    self._attr_direction = self._target_direction(target_out)
+                direction = self._attr_direction
+                if target_out is not None or direction is None:
+                    direction = self._attr_direction = self._target_direction(task, target_out)
                 t_target = time.perf_counter() - t0
                 batch = pair_batch(out, self._attr_loss.beta)
                 batch["scale"] = self._pair_scales(out, batch["loss_mask"])
-                scores = pair_scores(
-                    self._attr_task, batch, self._attr_direction, method=self.attribution.method
-                )
+                scores = pair_scores(task, batch, direction, method=self.attribution.method)
         finally:
             model.train(was_training)
         return scores.float(), t_target

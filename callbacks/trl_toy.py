@@ -48,7 +48,7 @@ def tiny_gpt2(
     """A GPT-2 with random weights (dropout off), sized for CPU tests; ``seed`` fixes the weights."""
     import torch
 
-    cfg = GPT2Config(
+    cfg = GPT2Config(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         n_positions=n_positions,
         n_embd=n_embd,

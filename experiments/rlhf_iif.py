@@ -26,6 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
 from rlattr.callbacks.trl import AttributionConfig, IIFGRPOTrainer  # noqa: E402
 from rlattr.callbacks.trl_toy import (  # noqa: E402
     addition_closeness_reward,
@@ -35,9 +38,6 @@ from rlattr.callbacks.trl_toy import (  # noqa: E402
     pretrain_addition,
     tiny_gpt2,
 )
-from transformers import TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-
 from rlattr.rl.efficiency import efficiency  # noqa: E402
 from rlattr.rl.filtering import NegBottom, RandomDrop  # noqa: E402
 

@@ -196,7 +196,8 @@ def _jvp_chunk(task: Task, params: Params, chunk: Batch, direction: Params, name
     def f(q: Params) -> Tensor:
         return task.loss({**fixed, **q}, chunk)
 
-    value, tangent = jvp(f, (primals,), (tangents,))
+    out = jvp(f, (primals,), (tangents,))
+    value, tangent = out[0], out[1]
     _check_loss(value, batch_size(chunk))  # the JVP's primal output: no extra forward pass for the check
     return tangent
 

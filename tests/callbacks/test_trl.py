@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
+
 from rlattr.callbacks.trl import (  # noqa: E402
     AttributionConfig,
     IIFGRPOTrainer,
@@ -23,8 +25,6 @@ from rlattr.callbacks.trl import (  # noqa: E402
     with_attribution,
 )
 from rlattr.callbacks.trl_toy import char_tokenizer, tiny_gpt2  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
-
 from rlattr.rl.filtering import BottomFraction  # noqa: E402
 from rlattr.rl.sequence import sequence_task  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_scores_equal_per_completion_autograd_on_trl_loss(
     t._attr_task = sequence_task(t.model, t._attr_loss)
     if lora:
         assert t._attr_task.tracked_names and all("lora_" in n for n in t._attr_task.tracked_names)
-    direction = t._target_direction(target_out)
+    direction = t._target_direction(t._attr_task, target_out)
     torch.testing.assert_close(
         torch.cat([d.reshape(-1) for d in direction.values()]), gf, rtol=1e-4, atol=1e-6
     )

@@ -55,7 +55,12 @@ def main(out_dir: str, loss_type: str) -> None:
     data = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
     cfg = AttributionConfig(["1+2=", "3+1=", "2+2=", "0+3="], p=1.0)
     t = Recording(
-        model=tiny_gpt2(tok), reward_funcs=digits, args=args, train_dataset=data, processing_class=tok, attribution=cfg
+        model=tiny_gpt2(tok),
+        reward_funcs=digits,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        attribution=cfg,
     )
     t.train()
     rank = t.accelerator.process_index
