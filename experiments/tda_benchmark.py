@@ -47,7 +47,7 @@ from rlattr.core.methods import (
     TracIn,
 )
 from rlattr.core.metrics import lds, loo_correlation
-from rlattr.core.store import save_json
+from rlattr.core.store import load_json, save_json
 from rlattr.core.supervised import (
     ce_of_logits,
     classification_task,
@@ -217,15 +217,30 @@ def ground_truth(s: Setting) -> dict[str, Any]:
     values = subset_retraining(s.retrain, s.query_loss, masks, out_dir=out / "lds", config=common,
                                processes=cfg.processes)  # fmt: skip
     t_lds = time.perf_counter() - t0
+    timing = out / "seconds.json"  # the wall-clock of the run that computed them, not of a resumed one
+    if timing.exists():
+        t_loo, t_lds = load_json(timing)
+    else:
+        save_json(timing, [t_loo, t_lds])
     return {"loo_idx": loo_idx, "loo": loo.T, "masks": masks, "targets": -values, "seconds": [t_loo, t_lds]}
 
 
-def evaluate(s: Setting, gt: dict[str, Any]) -> dict[str, dict[str, float]]:
-    rows: dict[str, dict[str, float]] = {}
+def group_diagnostics(s: Setting, gt: dict[str, Any], lw: LearnedWeights) -> dict[str, Any]:
+    """Learned weights, and the LDS of each parameter group's contribution alone (base method)."""
+    contrib = lw.base.attribute_by_group(s.queries).detach().double()
+    alone = {
+        g: float(lds(contrib[..., j], gt["masks"], gt["targets"])) for j, g in enumerate(s.task.group_names)
+    }
+    return {"weights": lw.group_weights, "group_lds": alone}
+
+
+def evaluate(s: Setting, gt: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
     for name, build in method_table(s).items():
         t0 = time.perf_counter()
         try:
-            scores = build().attribute(s.queries).detach().double()
+            attr = build()
+            scores = attr.attribute(s.queries).detach().double()
         except (ValueError, RuntimeError) as err:
             print(f"[{s.kind}] {name}: failed: {err}", flush=True)
             rows[name] = {"loo": float("nan"), "lds": float("nan"), "seconds": float("nan")}
@@ -236,11 +251,28 @@ def evaluate(s: Setting, gt: dict[str, Any]) -> dict[str, dict[str, float]]:
             "lds": float(lds(scores, gt["masks"], gt["targets"])),
             "seconds": secs,
         }
+        if isinstance(attr, LearnedWeights):
+            rows[name].update(group_diagnostics(s, gt, attr))
         print(
             f"[{s.kind}] {name:16s} LOO {rows[name]['loo']:+.3f}  LDS {rows[name]['lds']:+.3f}  {secs:7.1f} s",
             flush=True,
         )
     return rows
+
+
+def lw_lines(cfg: BenchConfig, results: dict[str, Any]) -> list[str]:
+    """Learned group weights and the LDS of each group's contribution alone."""
+    lines = [
+        "| setting | method | learned weights | LDS of each group alone (base method) |",
+        "|---|---|---|---|",
+    ]
+    for k in cfg.models:
+        for name, r in results[k]["methods"].items():
+            if "weights" in r:
+                w = ", ".join(f"{g} {v:.2f}" for g, v in r["weights"].items())
+                alone = ", ".join(f"{g} {v:.2f}" for g, v in r["group_lds"].items())
+                lines.append(f"| {k} | {name} | {w} | {alone} |")
+    return lines
 
 
 def _fmt(x: float | None) -> str:
@@ -273,6 +305,8 @@ def write_doc(cfg: BenchConfig, results: dict[str, Any], meta: dict[str, Any]) -
             "\n".join(lines),
             "",
             f"Ground-truth retraining wall-clock ({cfg.processes} processes): {gt}.",
+            "",
+            *lw_lines(cfg, results),
             f"Run: `{meta['command']}` at commit `{meta['git_commit'][:10]}`, torch {meta['torch']}, "
             f"numpy {meta['numpy']}, scikit-learn {meta['sklearn']}, Python {meta['python']}; "
             f"config and per-method numbers in `{Path(cfg.doc).with_suffix('.json').name}`.",
