@@ -38,6 +38,7 @@ from rlattr.core.groundtruth import subset_masks, subset_retraining
 from rlattr.core.methods import GradDot, InfluenceFunction, LearnedWeights, query_grads
 from rlattr.core.methods.hessian import ObjectiveHessian
 from rlattr.core.metrics import lds, spearman
+from rlattr.core.task import Batch, Params
 from rlattr.rl.attribution import build_round_task, score_round
 from rlattr.rl.filtering import NegBottom, RandomDrop
 from rlattr.rl.ppo import PolicyEval, PPOLossConfig
@@ -56,6 +57,7 @@ class RoundContext:
         actor_params: the names of the scored (actor) parameters.
         snapshot: the round (:class:`~rlattr.rl.replay.RoundSnapshot`).
         target: what is attributed (default: the return target on the round's buffer).
+        n_actions: the number of actions of a Discrete action space (enables ``influence_fisher``).
     """
 
     model: nn.Module
@@ -64,6 +66,7 @@ class RoundContext:
     actor_params: list[str]
     snapshot: RoundSnapshot
     target: TargetSpec | None = None
+    n_actions: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.snapshot, RoundSnapshot):
@@ -165,6 +168,54 @@ def score_influence(ctx: RoundContext, damping_ratio: float = 2.0, max_iter: int
         return attributor.score_vectors([query_grads(task, query)])[0].double()
 
 
+def action_log_probs(actor_eval: PolicyEval, n_actions: int) -> Callable[[Params, Batch], Tensor]:
+    """``(params, batch) -> Tensor[n, n_actions]``: log pi(c|s) of every action c of a Discrete space."""
+
+    def output(params: Params, batch: Batch) -> Tensor:
+        obs = batch["observations"]
+        cols = [
+            actor_eval(params, obs, torch.full((obs.shape[0], 1), float(c))).log_prob
+            for c in range(n_actions)
+        ]
+        return torch.stack(cols, dim=1)
+
+    return output
+
+
+def fisher_output_loss(z: Tensor, batch: Batch) -> Tensor:
+    """``0.5 sum_c p_c z_c^2`` per record (p = ``batch["action_probs"]`` at theta(k)): its Hessian in
+    z = log pi is diag(p), so the Gauss-Newton matrix over z is the policy's Fisher information."""
+    return 0.5 * (batch["action_probs"].to(z.dtype) * z * z).sum(1)
+
+
+def score_influence_fisher(ctx: RoundContext, damping_ratio: float = 0.1, max_iter: int = 100) -> Tensor:
+    """Influence with the policy's Fisher ``E_s sum_a pi(a|s) g_a g_a^T`` as curvature (the PPO
+    trust region's metric; positive definite with damping = ``damping_ratio`` x its top
+    eigenvalue), by CG: ``Tensor[n]``. Discrete action spaces only (``ctx.n_actions``)."""
+    if ctx.n_actions is None or ctx.n_actions < 2:
+        raise ValueError(
+            f"ctx.n_actions: influence_fisher needs a Discrete action count >= 2, got {ctx.n_actions}"
+        )
+    if not damping_ratio > 0:
+        raise ValueError(f"damping_ratio: must be > 0, got {damping_ratio!r}")
+    assert ctx.target is not None
+    output = action_log_probs(ctx.actor_eval, ctx.n_actions)
+    with params_loaded(ctx.model, ctx.snapshot.theta):
+        task, train, query = build_round_task(
+            ctx.model, ctx.actor_eval, ctx.snapshot.records, ctx.target,
+            config=ctx.score_config(), params=ctx.actor_params, validation=ctx.snapshot.validation,
+        )  # fmt: skip
+        with torch.no_grad():
+            train["action_probs"] = output(task.tracked_params(), train).exp()
+        fisher = ObjectiveHessian(task, train, chunk_size=4096, output=output, output_loss=fisher_output_loss)
+        attributor = InfluenceFunction(
+            task, strategy="cg", damping=damping_ratio * spectral_radius(fisher), chunk_size=512,
+            max_iter=max_iter, tol=1e-6, output=output, output_loss=fisher_output_loss,
+        )  # fmt: skip
+        attributor.cache(train)
+        return attributor.score_vectors([query_grads(task, query)])[0].double()
+
+
 def score_learned_weights(ctx: RoundContext) -> Tensor:
     """Grad-dot with per-layer weights fitted by the label-free top-k objective: ``Tensor[n]``."""
     assert ctx.target is not None
@@ -181,6 +232,7 @@ SCORERS: dict[str, Callable[[RoundContext], Tensor]] = {
     "grad_dot": score_grad_dot,
     "tracin": score_tracin,
     "influence": score_influence,
+    "influence_fisher": score_influence_fisher,
     "learned_weights": score_learned_weights,
 }
 
@@ -196,17 +248,26 @@ def local_ground_truth(
     """``(masks: Tensor[M, n] bool, values: Tensor[M, m])``: the round re-run from theta(k) on each
     seeded random subset (subset s uses minibatch seed ``seed + s``), then measured by ``ctx.target``
     (column 0) and each of ``targets`` (columns 1 ..)."""
-    n = len(ctx.snapshot.records)
-    masks = subset_masks(n, num_subsets, fraction, seed)
-    contexts = [ctx, *(replace(ctx, target=t) for t in targets)]
+    masks = subset_masks(len(ctx.snapshot.records), num_subsets, fraction, seed)
+    return masks, retrain_targets(ctx, masks, seed=seed, targets=targets)
+
+
+def retrain_targets(
+    ctx: RoundContext, masks: Tensor, *, seed: int = 0, targets: Sequence[TargetSpec] = ()
+) -> Tensor:
+    """``Tensor[M, m]``: re-run the round on each row of ``masks`` (minibatch seed ``seed + s``) and
+    measure ``ctx.target`` and ``targets``. With a second ``seed`` on the same masks it measures
+    how much of the ground truth is minibatch-order noise."""
 
     def retrain(weights: Tensor, s: int) -> dict[str, Tensor]:
         return retrain_subset(ctx.model, ctx.policy_eval, ctx.snapshot, weights > 0, s)
 
+    contexts = [ctx, *(replace(ctx, target=t) for t in targets)]
+
     def evaluate(theta: dict[str, Tensor]) -> Tensor:
         return torch.cat([c.target_value(theta) for c in contexts])
 
-    return masks, subset_retraining(retrain, evaluate, masks, seed=seed)
+    return subset_retraining(retrain, evaluate, masks, seed=seed)
 
 
 def lds_with_ci(
@@ -283,8 +344,10 @@ __all__ = [
     "local_ground_truth",
     "local_lds",
     "params_loaded",
+    "retrain_targets",
     "score_grad_dot",
     "score_influence",
+    "score_influence_fisher",
     "score_learned_weights",
     "score_tracin",
 ]

@@ -9,11 +9,16 @@ from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
 from scipy.stats import spearmanr
 
 from rlattr.core.groundtruth import subset_masks
+from rlattr.core.methods.hessian import ObjectiveHessian
+from rlattr.rl.attribution import build_round_task
 from rlattr.rl.filtering import NegBottom
 from rlattr.rl.replay import max_abs_diff, retrain_subset
+from rlattr.rl.targets import ReturnTarget
 from rlattr.rl.validity import (
     SCORERS,
     RoundContext,
+    action_log_probs,
+    fisher_output_loss,
     intervention_thetas,
     lds_with_ci,
     local_ground_truth,
@@ -35,6 +40,7 @@ def ctx() -> RoundContext:
         SB3PolicyEval(policy),
         tracked_param_names(policy),
         recorder.snapshots[1],
+        n_actions=3,
     )
 
 
@@ -97,3 +103,28 @@ def test_intervention_drops_the_neg_bottom_records(ctx: RoundContext) -> None:
     full = retrain_subset(ctx.model, ctx.policy_eval, ctx.snapshot, keep_all, 3)
     assert max_abs_diff(out["full"], full) == 0.0
     assert len(out["random"]) == 2 and max_abs_diff(out["random"][0], out["random"][1]) > 0
+
+
+def test_fisher_curvature_is_the_policy_fisher(ctx: RoundContext) -> None:
+    """The Gauss-Newton operator of influence_fisher equals mean_i sum_c p_ic g_ic g_ic^T, with
+    g_ic = grad log pi(c|s_i) by plain autograd through the policy module."""
+    rec = ctx.snapshot.records
+    with params_loaded(ctx.model, ctx.snapshot.theta):
+        task, train, _ = build_round_task(
+            ctx.model, ctx.actor_eval, rec, ReturnTarget(), config=ctx.score_config(), params=ctx.actor_params
+        )
+        output = action_log_probs(ctx.actor_eval, 3)
+        train["action_probs"] = output(task.tracked_params(), train).exp().detach()
+        hessian = ObjectiveHessian(task, train, output=output, output_loss=fisher_output_loss)
+        v = torch.randn(hessian.dim, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        got = hessian.matvec(v)
+        named = dict(ctx.model.named_parameters())
+        leaves = [named[n] for n in task.tracked_names]
+        fisher = torch.zeros(hessian.dim, hessian.dim, dtype=torch.float64)
+        for i in range(len(rec)):
+            for c in range(3):
+                _, logp, _ = ctx.model.evaluate_actions(rec.observations[i : i + 1], torch.tensor([c]))
+                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(logp.sum(), leaves)]).double()
+                fisher += logp.exp().item() * torch.outer(g, g)
+    expected = (fisher / len(rec)) @ v.double()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
