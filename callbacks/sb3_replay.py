@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
+
 from rlattr.callbacks.sb3 import preserved_rng
 from rlattr.callbacks.sb3_policy import check_model, records_from_buffer
 from rlattr.callbacks.sb3_validation import collect_validation
-from stable_baselines3.common.callbacks import BaseCallback
-
 from rlattr.rl.replay import RoundHyperparameters, RoundSnapshot
 
 

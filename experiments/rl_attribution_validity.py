@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
-from rlattr.callbacks.sb3_replay import RoundRecorder
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
+from rlattr.callbacks.sb3_replay import RoundRecorder
 from rlattr.core.metrics import spearman
 from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round
 from rlattr.rl.snapshots import versions

@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
-from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
-from rlattr.callbacks.sb3_replay import RoundRecorder, sb3_permutations
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from rlattr.callbacks.sb3_iif import IIFCallback
+from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
+from rlattr.callbacks.sb3_replay import RoundRecorder, sb3_permutations
 from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round, retrain_subset, seeded_permutations
 from rlattr.rl.targets import ReturnTarget
 from tests.callbacks.envs import SMALL_NET, ToyEnv
@@ -171,3 +173,15 @@ def test_tracin_over_steps_equals_brute_force_sum() -> None:
     assert result.tracin is not None and result.tracin.shape == (32,)
     torch.testing.assert_close(result.tracin, expected, rtol=1e-4, atol=1e-6)
     assert max_abs_diff(result.theta, snap.theta_next) <= 1e-6
+
+
+def test_replay_after_iif_compaction() -> None:
+    """Placed after IIFCallback, the recorder sees the compacted buffer train() runs on."""
+    model = tiny_ppo(DISCRETE)
+    iif = IIFCallback(drop="neg-bottom", p=0.5, min_keep=4, tensorboard=False)
+    recorder = RoundRecorder()
+    model.learn(64, callback=CallbackList([iif, recorder]))
+    evaluator = SB3PolicyEval(model.policy, with_values=True)
+    for k, snap in recorder.snapshots.items():
+        assert len(snap.records) == iif.filter_history[k]["n_kept"] < 32
+        assert max_abs_diff(replay_round(model.policy, evaluator, snap).theta, snap.theta_next) <= 1e-6

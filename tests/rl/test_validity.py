@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
 from scipy.stats import spearmanr
 
+from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
 from rlattr.core.groundtruth import subset_masks
 from rlattr.core.methods.hessian import ObjectiveHessian
 from rlattr.rl.attribution import build_round_task
