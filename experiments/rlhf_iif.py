@@ -95,7 +95,8 @@ def run_arm(arm: str, seed: int, state: dict, tok, train: list[str], held: list[
         trainer = GRPOTrainer(**kw)
     else:
         rule = NegBottom(1.0) if arm == "iif" else RandomDrop(NegBottom(1.0), seed=seed)
-        target = held[: args.target_prompts]
+        pool = held if args.target_from == "heldout" else train[::-1]  # "train": fresh samples, seen prompts
+        target = pool[: args.target_prompts]
         trainer = IIFGRPOTrainer(
             **kw, attribution=AttributionConfig(target, rule=rule, target_every=args.target_every)
         )
@@ -138,6 +139,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--target-prompts", type=int, default=4)
     p.add_argument("--target-every", type=int, default=1)
+    p.add_argument(
+        "--target-from", choices=("heldout", "train"), default="heldout", help="f_seq's prompt pool"
+    )
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--correct-frac", type=float, default=0.6)
     p.add_argument("--threshold", type=float, default=0.6, help="reward level for steps-to-threshold")
