@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= sb3,trl,dev
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench validity install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench_grads.py
 	$(PY) experiments/bench_sb3_attribution.py
+
+# Local LDS of RL scorers against retraining (issue 7); about 20 minutes on one core.
+validity: $(STAMP)
+	nice -n 5 $(PY) experiments/rl_attribution_validity.py --config configs/validity.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info
