@@ -156,3 +156,18 @@ def test_bad_arguments_are_named(lr):
         attr.score_vectors([torch.zeros(2, 5, dtype=torch.float64)])
     with pytest.raises(RuntimeError, match="cache"):
         InfluenceFunction(lr.task, l2=lr.l2).attribute(lr.query)
+
+
+def test_self_influence_flags_flipped_labels():
+    from rlattr.core.metrics import mislabel_auc
+    from rlattr.core.supervised import load_digits_split, make_model, train_classifier
+    from tests.core._tda import FEATURES
+
+    data = load_digits_split(400, seed=1, dtype=torch.float64)
+    x, y = data.x_train[:100, FEATURES], data.y_train[:100] % 3
+    flipped = torch.zeros(100, dtype=torch.bool)
+    flipped[::10] = True
+    y = torch.where(flipped, (y + 1) % 3, y)
+    model = train_classifier(make_model("logreg", n_in=8, n_out=3).double(), x, y, l2=0.05)
+    attr = InfluenceFunction(classification_task(model), l2=0.05).cache({"x": x, "y": y})
+    assert mislabel_auc(self_influence(attr), flipped) > 0.65  # 0.73 here; chance is 0.5
