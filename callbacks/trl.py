@@ -218,6 +218,20 @@ class AttributionMixin:
         shard = rows[rank * per : (rank + 1) * per]
         return [copy.copy(r) for r in shard for _ in range(self.num_generations)]
 
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Sample the held-out completions from a stream of their own; the global RNG is left as it was.
+
+        So a score-only run (``drop=False``) trains exactly like the plain trainer, and the arms of a
+        study differ only by what they drop.
+        """
+        device = self.accelerator.device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            seed = (int(self.args.seed) * 1_000_003 + self._attr_round) * 131 + self.accelerator.process_index
+            torch.manual_seed(seed % (2**63))
+            yield
+
     def _target_direction(self, task: Task, target_out: dict[str, Any] | None) -> dict[str, Tensor]:
         if target_out is None:
             raise RuntimeError("attribution: no held-out generation to build f_seq from")
@@ -251,7 +265,7 @@ class AttributionMixin:
         t0 = time.perf_counter()
         target_out = None
         if self._attr_direction is None or self._attr_round % self.attribution.target_every == 0:
-            with _metrics_restored(self) as found:  # in train mode: TRL's train-time sampling settings
+            with _metrics_restored(self) as found, self._own_rng():  # train mode: TRL's sampling settings
                 target_out = super()._generate_and_score_completions(self._target_rows())  # type: ignore[misc]
             self._attr_target_reward = found.get("target_reward", float("nan"))
         was_training = model.training

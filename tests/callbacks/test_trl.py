@@ -258,10 +258,23 @@ def test_two_processes_agree_on_scores_and_drops(tmp_path) -> None:  # noqa: ANN
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["num_processes"] == 2 and len(r0["scores"]) == 2
-    for s0, s1, k0, k1, l0, l1 in zip(
-        r0["scores"], r1["scores"], r0["keep"], r1["keep"], r0["local"], r1["local"], strict=True
+    for i, (s0, s1, k0, k1) in enumerate(
+        zip(r0["scores"], r1["scores"], r0["keep"], r1["keep"], strict=True)
     ):
-        assert torch.equal(s0, s1) and torch.equal(k0, k1)
+        l0, l1 = r0["local"][i], r1["local"][i]
+        assert torch.equal(s0, s1) and torch.equal(k0, k1) and r0["note"][i] == r1["note"][i]
         assert torch.equal(s0[: l0.numel()], l0) and torch.equal(s0[l0.numel() :], l1)
-        assert not (k0 & (s0 < 0)).any()
+        # a negative pair survives only when a rank would otherwise be left with no pair at all
+        assert not (k0 & (s0 < 0)).any() or "steps_per_generation" in r0["note"][i]
     assert torch.equal(r0["params"], r1["params"])
+
+
+def test_score_only_run_trains_exactly_like_the_plain_trainer(tmp_path) -> None:  # noqa: ANN001
+    """drop=False: the hook's held-out sampling uses its own RNG stream, so the update is untouched."""
+    plain = make(GRPOTrainer, tmp_path / "plain")
+    plain.train()
+    hooked = make(IIFGRPOTrainer, tmp_path / "hooked", AttributionConfig(TARGET, drop=False))
+    hooked.train()
+    for a, b in zip(plain.model.parameters(), hooked.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(hooked.attribution_history) == 2

@@ -68,6 +68,7 @@ def main(out_dir: str, loss_type: str) -> None:
         {
             "scores": [r["scores"] for r in t.attribution_history],
             "keep": [r["keep"] for r in t.attribution_history],
+            "note": [r["note"] for r in t.attribution_history],
             "local": t.local_scores,
             "params": torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]),
             "num_processes": t.accelerator.num_processes,
