@@ -163,6 +163,7 @@ def method_table(s: Setting) -> dict[str, Any]:
     cfg, task, curv = s.cfg, s.task, s.curvature
     trak_kw = {
         "proj_dim": cfg.proj_dim,
+        "damping": cfg.trak_damping,
         "output": per_record_margin(s.model),
         "output_weight": margin_weight(s.model),
     }
