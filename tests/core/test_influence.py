@@ -171,3 +171,19 @@ def test_self_influence_flags_flipped_labels():
     model = train_classifier(make_model("logreg", n_in=8, n_out=3).double(), x, y, l2=0.05)
     attr = InfluenceFunction(classification_task(model), l2=0.05).cache({"x": x, "y": y})
     assert mislabel_auc(self_influence(attr), flipped) > 0.65  # 0.73 here; chance is 0.5
+
+
+def test_target_sign_convention(lr):
+    # a target to lower (mean query loss) and its negative to raise give the same scores, equal to
+    # the mean over query records of the per-record (no target) scores
+    from rlattr.core.supervised import per_record_ce
+    from rlattr.core.task import Task
+
+    ce = per_record_ce(lr.model)
+    lower = Task(lr.model, ce, target=lambda p, b: ce(p, b).mean(), target_goal="lower")
+    raise_ = Task(lr.model, ce, target=lambda p, b: -ce(p, b).mean(), target_goal="raise")
+    per_record = InfluenceFunction(lr.task, l2=lr.l2).cache(lr.train).attribute(lr.query)
+    for task in (lower, raise_):
+        got = InfluenceFunction(task, l2=lr.l2).cache(lr.train).attribute(lr.query)
+        assert got.shape == (1, 60)
+        np.testing.assert_allclose(got[0].numpy(), per_record.mean(0).numpy(), rtol=1e-9)
