@@ -308,6 +308,7 @@ def write_doc(cfg: BenchConfig, results: dict[str, Any], meta: dict[str, Any]) -
             f"Ground-truth retraining wall-clock ({cfg.processes} processes): {gt}.",
             "",
             *lw_lines(cfg, results),
+            "",
             f"Run: `{meta['command']}` at commit `{meta['git_commit'][:10]}`, torch {meta['torch']}, "
             f"numpy {meta['numpy']}, scikit-learn {meta['sklearn']}, Python {meta['python']}; "
             f"config and per-method numbers in `{Path(cfg.doc).with_suffix('.json').name}`.",
