@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= sb3,trl,dev
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench validity install clean
+.PHONY: demo test lint bench validity tda install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 # Local LDS of RL scorers against retraining (issue 7); about 20 minutes on one core.
 validity: $(STAMP)
 	nice -n 5 $(PY) experiments/rl_attribution_validity.py --config configs/validity.yaml
+
+# Offline TDA benchmark on digits (LOO, LDS, wall-clock per method); about 25 minutes on 2 cores.
+tda: $(STAMP)
+	$(PY) experiments/tda_benchmark.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
