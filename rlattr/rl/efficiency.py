@@ -63,7 +63,11 @@ def levels_between(base: np.ndarray, n_levels: int) -> np.ndarray:
         raise ValueError(f"n_levels: must be an int >= 1, got {n_levels!r}")
     b = _curve("base", base)
     start, peak = b[0], b.max()
-    return start + (peak - start) * np.arange(1, n_levels + 1) / n_levels
+    levels = start + (peak - start) * np.arange(1, n_levels + 1) / n_levels
+    # Rounding can put start + (peak - start) * 1 a hair above the peak, which the baseline would then
+    # never reach; the levels are the peak and the fractions below it, exactly.
+    levels[-1] = peak
+    return np.minimum(levels, peak)
 
 
 @dataclass

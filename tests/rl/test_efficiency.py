@@ -26,6 +26,15 @@ def test_levels_between_are_evenly_spaced_above_the_start() -> None:
     np.testing.assert_allclose(levels_between(BASE, 4), [0.25, 0.5, 0.75, 1.0])
 
 
+def test_the_top_level_is_exactly_the_peak() -> None:
+    # 0.02 + (0.9 - 0.02) * 20 / 20 is 0.9000000000000001 in floating point.
+    base = np.array([0.02, 0.3, 0.9])
+    assert 0.02 + (0.9 - 0.02) * np.arange(1, 21)[-1] / 20 > 0.9
+    assert levels_between(base, 20)[-1] == 0.9
+    eff = efficiency(np.array([0.02, 0.9, 0.9]), base, n_levels=20)
+    assert eff.se_peak == pytest.approx(1 - 2 / 3)
+
+
 def test_efficiency_matches_hand_computation() -> None:
     # levels 0.25, 0.5, 0.75, 1.0: base needs 2, 3, 4, 5 rounds, the method 1, 1, 2, 2.
     eff = efficiency(
