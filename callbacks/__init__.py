@@ -12,6 +12,12 @@ from typing import Any
 _EXPORTS = {
     "InfluenceCallback": "rlattr.callbacks.sb3",
     "IIFCallback": "rlattr.callbacks.sb3_iif",
+    "RoundRecorder": "rlattr.callbacks.sb3_replay",
+    "IIFGRPOTrainer": "rlattr.callbacks.trl",
+    "IIFRLOOTrainer": "rlattr.callbacks.trl",
+    "AttributionConfig": "rlattr.callbacks.trl",
+    "AttributionLogger": "rlattr.callbacks.trl",
+    "with_attribution": "rlattr.callbacks.trl",
 }
 
 
