@@ -34,6 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import TensorBoardOutputFormat
+from torch import Tensor
+
 from rlattr.callbacks.sb3_policy import (
     PARAM_SETS,
     SB3PolicyEval,
@@ -44,12 +50,6 @@ from rlattr.callbacks.sb3_policy import (
     tracked_param_names,
 )
 from rlattr.callbacks.sb3_validation import collect_validation
-from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import TensorBoardOutputFormat
-from torch import Tensor
-
 from rlattr.rl.attribution import RoundScores, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
 from rlattr.rl.records import RecordBatch, RecordId

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 import yaml
-from rlattr.callbacks.sb3 import InfluenceCallback
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+from rlattr.callbacks.sb3 import InfluenceCallback
 from rlattr.core.store import atomic_write_bytes, save_json
 from rlattr.rl.snapshots import versions
 from rlattr.train_config import ConfigError, TrainConfig

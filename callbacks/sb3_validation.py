@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
-from rlattr.callbacks.sb3_policy import records_from_buffer
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
+from rlattr.callbacks.sb3_policy import records_from_buffer
 from rlattr.rl.records import RecordBatch
 
 _STATE_ATTR = "_rlattr_validation_state"

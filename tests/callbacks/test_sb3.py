@@ -8,14 +8,14 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import rlattr.callbacks.sb3_policy as sb3_policy
 import torch
 from gymnasium import spaces
-from rlattr.callbacks.sb3 import InfluenceCallback
-from rlattr.callbacks.sb3_policy import SB3PolicyEval
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_util import make_vec_env
 
+import rlattr.callbacks.sb3_policy as sb3_policy
+from rlattr.callbacks.sb3 import InfluenceCallback
+from rlattr.callbacks.sb3_policy import SB3PolicyEval
 from rlattr.rl.attribution import score_round
 from rlattr.rl.targets import ReturnTarget
 from tests.callbacks.envs import SMALL_NET, TinyCNN, ToyEnv

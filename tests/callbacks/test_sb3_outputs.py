@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from rlattr.callbacks.sb3 import InfluenceCallback
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rlattr
+from rlattr.callbacks.sb3 import InfluenceCallback
 from tests.callbacks.envs import SMALL_NET
 
 torch.set_num_threads(1)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import yaml
-from rlattr.callbacks.sb3_train import check_config, resolve_policy_kwargs
 
 import rlattr
+from rlattr.callbacks.sb3_train import check_config, resolve_policy_kwargs
 from rlattr.cli import main
 from rlattr.train_config import ConfigError, config_from_dict
 
