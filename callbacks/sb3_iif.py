@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from rlattr.callbacks.sb3 import InfluenceCallback
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 
+from rlattr.callbacks.sb3 import InfluenceCallback
 from rlattr.rl.attribution import RoundScores
 from rlattr.rl.filtering import RULES, FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
 from rlattr.rl.records import RecordBatch

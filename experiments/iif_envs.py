@@ -14,13 +14,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from rlattr.callbacks.sb3_iif import IIFCallback
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from torch import nn
+
+from rlattr.callbacks.sb3_iif import IIFCallback
 
 METHODS = ("ppo", "iif", "random")
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -126,7 +127,8 @@ class RoundRecorder(BaseCallback):
     """Evaluates each round's updated policy and times the rounds (evaluation time excluded).
 
     ``curve[r]``, ``curve_std[r]``: return of the policy after round r + 1; ``seconds[r]``:
-    cumulative training seconds (rollout + scoring + update) up to round r + 1; ``rollout[r]``:
+    cumulative training seconds (rollout + scoring + update) up to round r + 1 (``cpu_seconds``: the
+    same in process CPU time, which a busy shared machine does not inflate); ``rollout[r]``:
     mean return of the episodes that ended during round r + 1's rollout (nan if none).
     """
 
@@ -136,13 +138,16 @@ class RoundRecorder(BaseCallback):
         self.curve: list[float] = []
         self.curve_std: list[float] = []
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self.eval_cpu_seconds = 0.0
+        self._cpu0 = 0.0
         self.rollout: list[float] = []
         self.eval_seconds = 0.0
         self._t0 = 0.0
         self._round_returns: list[float] = []
 
     def _on_training_start(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
 
     def _on_step(self) -> bool:
         for info in self.locals.get("infos", []):
@@ -163,8 +168,9 @@ class RoundRecorder(BaseCallback):
             self._evaluate()
 
     def _evaluate(self) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.seconds.append(start - self._t0 - self.eval_seconds)
+        self.cpu_seconds.append(cpu_start - self._cpu0 - self.eval_cpu_seconds)
         r = len(self.curve)
         mean, std = float("nan"), float("nan")
         if self.episodes > 0:
@@ -172,6 +178,7 @@ class RoundRecorder(BaseCallback):
         self.curve.append(mean)
         self.curve_std.append(std)
         self.eval_seconds += time.perf_counter() - start
+        self.eval_cpu_seconds += time.process_time() - cpu_start
         if self.log_every and (r + 1) % self.log_every == 0:
             shown = mean if self.episodes > 0 else self.rollout[-1]
             print(f"    round {r + 1}: return {shown:.3f}  train {self.seconds[-1]:.0f}s", flush=True)
@@ -213,8 +220,9 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     model.env.close()
     history = iif.filter_history if iif is not None else []
     curve, seconds = recorder.curve, recorder.seconds
+    cpu_seconds = recorder.cpu_seconds
     if episodes == 0:
-        curve, seconds = rollout_curve(recorder.rollout), seconds[:-1]
+        curve, seconds, cpu_seconds = rollout_curve(recorder.rollout), seconds[:-1], cpu_seconds[:-1]
     return {
         "method": method,
         "seed": seed,
@@ -223,6 +231,7 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
         "curve_std": recorder.curve_std,
         "rollout_curve": recorder.rollout,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "eval_seconds": recorder.eval_seconds,
         "kept_fraction": [h["kept_fraction"] for h in history],
         "score_seconds": [h["seconds"] for h in (iif.history if iif is not None else [])],

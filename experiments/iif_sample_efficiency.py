@@ -115,8 +115,11 @@ def _run_file(out: Path, method: str, seed: int) -> Path:
 
 
 def _worker(cfg: dict[str, Any], method: str, seed: int, path: str) -> str:
+    import time
+
+    started = time.time()
     result = run_one(cfg, method, seed)
-    result.update(config=cfg, provenance=provenance())
+    result.update(config=cfg, provenance=provenance(), started=started, finished=time.time())
     _atomic_json(Path(path), result)
     return path
 
@@ -148,21 +151,63 @@ def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([r[key][:n] for r in runs], dtype=float)
 
 
-def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
-    """Metrics of every method against PPO from the finished runs; writes results.json, PNG, table."""
+def _load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted((out / "runs").glob("*.json")):
         run = json.loads(path.read_text())
+        # Runs written before "started"/"finished" were recorded: the file time ends the run.
+        run.setdefault("finished", path.stat().st_mtime)
+        run.setdefault("started", run["finished"] - run["seconds"][-1] - run.get("eval_seconds", 0.0))
         runs.setdefault(run["method"], []).append(run)
+    return {m: sorted(group, key=lambda r: r["seed"]) for m, group in runs.items()}
+
+
+def _timing(group: list[dict[str, Any]], base: list[dict[str, Any]]) -> str:
+    """Which clock RT_peak may use: "wall" when every seed's pair ran side by side (same load),
+    else "cpu" when every run recorded process CPU time, else "none"."""
+
+    def overlap(a: dict[str, Any], b: dict[str, Any]) -> float:
+        shared = min(a["finished"], b["finished"]) - max(a["started"], b["started"])
+        return shared / max(1e-9, min(a["finished"] - a["started"], b["finished"] - b["started"]))
+
+    if all(overlap(a, b) >= 0.5 for a, b in zip(group, base, strict=True)):
+        return "wall"
+    if all("cpu_seconds" in r for r in [*group, *base]):
+        return "cpu"
+    return "none"
+
+
+def compare(group: list[dict[str, Any]], ppo: list[dict[str, Any]], metric: dict[str, Any]) -> dict[str, Any]:
+    """Paired efficiency of a method against PPO on their common seeds (bootstrap over seeds)."""
+    common = sorted({r["seed"] for r in group} & {r["seed"] for r in ppo})
+    mine = [r for r in group if r["seed"] in common]
+    base = [r for r in ppo if r["seed"] in common]
+    timing = _timing(mine, base)
+    clock = "cpu_seconds" if timing == "cpu" else "seconds"
+    eff = bootstrap_efficiency(
+        _stack(mine, "curve"),
+        _stack(base, "curve"),
+        method_seconds=_stack(mine, clock) if timing != "none" else None,
+        base_seconds=_stack(base, clock) if timing != "none" else None,
+        n_levels=int(metric.get("n_levels", 20)),
+        n_boot=int(metric.get("n_boot", 1000)),
+        paired=True,
+    )
+    return {**eff, "seeds": common, "timing": timing}
+
+
+def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """Metrics of every method against PPO from the finished runs; writes results.json, PNG, table."""
+    runs = _load_runs(out)
     if "ppo" not in runs:
         return None
     metric = cfg["metric"]
-    base, base_t = _stack(runs["ppo"], "curve"), _stack(runs["ppo"], "seconds")
+    base = _stack(runs["ppo"], "curve")
     results: dict[str, Any] = {"name": cfg["name"], "env_id": cfg["env_id"], "config": cfg, "methods": {}}
     for method, group in runs.items():
         curves, secs = _stack(group, "curve"), _stack(group, "seconds")
         entry: dict[str, Any] = {
-            "seeds": sorted(r["seed"] for r in group),
+            "seeds": [r["seed"] for r in group],
             "peak_of_mean_curve": float(curves.mean(0).max()),
             "final_mean": float(curves[:, -5:].mean()),
             "train_seconds_mean": float(secs[:, -1].mean()),
@@ -171,14 +216,7 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
             else 1.0,
         }
         if method != "ppo":
-            entry["efficiency_vs_ppo"] = bootstrap_efficiency(
-                curves,
-                base,
-                method_seconds=secs,
-                base_seconds=base_t,
-                n_levels=int(metric.get("n_levels", 20)),
-                n_boot=int(metric.get("n_boot", 1000)),
-            )
+            entry["efficiency_vs_ppo"] = compare(group, runs["ppo"], metric)
         results["methods"][method] = entry
     results["noise_floor"] = noise_floor(base, n_levels=int(metric.get("n_levels", 20)))
     results["provenance"] = provenance()
@@ -242,9 +280,12 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
             if entry is None or "efficiency_vs_ppo" not in entry:
                 continue
             eff = entry["efficiency_vs_ppo"]
+            rt = _fmt(eff["rt_peak"]) + (" (cpu)" if eff["timing"] == "cpu" else "")
+            if eff["timing"] == "none":
+                rt = "n/a (not run beside PPO)"
             lines.append(
-                f"| {res['env_id']} | {method} | {len(entry['seeds'])} | {_fmt(eff['se_ave'])} | "
-                f"{_fmt(eff['se_peak'])} | {_fmt(eff['rt_peak'])} | {100 * eff['levels_reached']['value']:.0f} % | "
+                f"| {res['env_id']} | {method} | {len(eff['seeds'])} | {_fmt(eff['se_ave'])} | "
+                f"{_fmt(eff['se_peak'])} | {rt} | {100 * eff['levels_reached']['value']:.0f} % | "
                 f"{100 * entry['kept_fraction_mean']:.0f} % | {paper if method == 'iif' else ''} |"
             )
     return "\n".join(lines) + "\n"

@@ -140,6 +140,7 @@ def bootstrap_efficiency(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    paired: bool = False,
 ) -> dict[str, Metrics]:
     """Efficiency of the seed-mean curves with a bootstrap over seeds.
 
@@ -149,6 +150,8 @@ def bootstrap_efficiency(
         method_seconds, base_seconds: cumulative seconds, same shapes as the curves (optional);
             the seed-mean of the cumulative seconds is used.
         n_boot: bootstrap resamples (seeds drawn with replacement, independently per method).
+        paired: draw the same seed rows for both (row i of method and base share a seed and ran
+            side by side, so their wall-clock shares the machine's load); needs equal seed counts.
         alpha: the interval is the ``(alpha/2, 1 - alpha/2)`` percentile interval.
 
     Returns:
@@ -173,10 +176,12 @@ def bootstrap_efficiency(
 
     point = stat(np.arange(len(m)), np.arange(len(b))).as_dict()
     rng = np.random.default_rng(seed)
-    draws = [
-        stat(rng.integers(0, len(m), len(m)), rng.integers(0, len(b), len(b))).as_dict()
-        for _ in range(n_boot)
-    ]
+    if paired and len(m) != len(b):
+        raise ValueError(f"paired: needs as many method seeds as base seeds, got {len(m)} and {len(b)}")
+    draws = []
+    for _ in range(n_boot):
+        im = rng.integers(0, len(m), len(m))
+        draws.append(stat(im, im if paired else rng.integers(0, len(b), len(b))).as_dict())
     out: dict[str, Metrics] = {}
     for key in ("se_ave", "se_peak", "rt_peak", "levels_reached"):
         vals = np.array([d[key] for d in draws], dtype=float)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from rlattr.callbacks import IIFCallback
-from rlattr.callbacks.sb3_iif import compact_rollout_buffer, restore_rollout_buffer
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+from rlattr.callbacks import IIFCallback
+from rlattr.callbacks.sb3_iif import compact_rollout_buffer, restore_rollout_buffer
 from rlattr.rl.filtering import NegBottom
 
 N_STEPS, N_ENVS, BATCH, EPOCHS = 32, 2, 16, 2

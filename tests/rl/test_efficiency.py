@@ -100,3 +100,19 @@ def test_bad_curves_are_rejected() -> None:
         rounds_to_reach(np.array([]), np.array([1.0]))
     with pytest.raises(ValueError, match="n_levels"):
         levels_between(BASE, 0)
+
+
+def test_paired_bootstrap_keeps_seed_pairs_together() -> None:
+    # Seed i of both methods ran under the same machine load: seconds differ by a factor per seed.
+    load = np.array([[1.0], [5.0]])
+    base_t, method_t = load * np.arange(1.0, 6.0), load * np.arange(1.0, 6.0)
+    method = np.tile([0.5, 1.0, 1.0, 1.0, 1.0], (2, 1))
+    base = np.tile(BASE, (2, 1))
+    kwargs = {"method_seconds": method_t, "base_seconds": base_t, "n_levels": 4, "n_boot": 100}
+    out = bootstrap_efficiency(method, base, paired=True, **kwargs)
+    # Whatever seeds are drawn, the method reaches the peak at round 2 and the base at round 5.
+    assert out["rt_peak"]["std"] == pytest.approx(0.0)
+    assert out["rt_peak"]["value"] == pytest.approx(1 - 2 / 5)
+    assert bootstrap_efficiency(method, base, **kwargs)["rt_peak"]["std"] > 0.1
+    with pytest.raises(ValueError, match="paired"):
+        bootstrap_efficiency(method, base[:1], paired=True)
