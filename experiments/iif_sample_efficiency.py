@@ -283,8 +283,10 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
             rt = _fmt(eff["rt_peak"]) + (" (cpu)" if eff["timing"] == "cpu" else "")
             if eff["timing"] == "none":
                 rt = "n/a (not run beside PPO)"
+            kwargs = res["config"].get("env_kwargs") or {}
+            env = res["env_id"] + "".join(f" {k}={v}" for k, v in kwargs.items())
             lines.append(
-                f"| {res['env_id']} | {method} | {len(eff['seeds'])} | {_fmt(eff['se_ave'])} | "
+                f"| {env} | {method} | {len(eff['seeds'])} | {_fmt(eff['se_ave'])} | "
                 f"{_fmt(eff['se_peak'])} | {rt} | {100 * eff['levels_reached']['value']:.0f} % | "
                 f"{100 * entry['kept_fraction_mean']:.0f} % | {paper if method == 'iif' else ''} |"
             )
