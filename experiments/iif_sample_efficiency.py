@@ -177,7 +177,9 @@ def _timing(group: list[dict[str, Any]], base: list[dict[str, Any]]) -> str:
     return "none"
 
 
-def compare(group: list[dict[str, Any]], ppo: list[dict[str, Any]], metric: dict[str, Any]) -> dict[str, Any]:
+def compare(
+    group: list[dict[str, Any]], ppo: list[dict[str, Any]], metric: dict[str, Any], smooth: int = 1
+) -> dict[str, Any]:
     """Paired efficiency of a method against PPO on their common seeds (bootstrap over seeds)."""
     common = sorted({r["seed"] for r in group} & {r["seed"] for r in ppo})
     mine = [r for r in group if r["seed"] in common]
@@ -192,8 +194,9 @@ def compare(group: list[dict[str, Any]], ppo: list[dict[str, Any]], metric: dict
         n_levels=int(metric.get("n_levels", 20)),
         n_boot=int(metric.get("n_boot", 1000)),
         paired=True,
+        smooth=smooth,
     )
-    return {**eff, "seeds": common, "timing": timing}
+    return {**eff, "seeds": common, "timing": timing, "smooth": smooth}
 
 
 def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
@@ -217,6 +220,8 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
         }
         if method != "ppo":
             entry["efficiency_vs_ppo"] = compare(group, runs["ppo"], metric)
+            window = int(metric.get("smooth", 5))
+            entry["efficiency_vs_ppo_smoothed"] = compare(group, runs["ppo"], metric, smooth=window)
         results["methods"][method] = entry
     results["noise_floor"] = noise_floor(base, n_levels=int(metric.get("n_levels", 20)))
     results["provenance"] = provenance()
@@ -254,7 +259,9 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, cfg: dict[str
         ax.plot(x, band[0], label=f"{method} ({len(runs[method])} seeds)")
         ax.fill_between(x, band[1], band[2], alpha=0.25)
     ax.set_xlabel("round")
-    ax.set_ylabel(f"mean return ({cfg['eval']['episodes']} stochastic episodes)")
+    episodes = int(cfg["eval"]["episodes"])
+    source = f"{episodes} stochastic episodes" if episodes else "episodes of the next rollout"
+    ax.set_ylabel(f"mean return ({source})")
     ax.set_title(cfg["env_id"])
     ax.legend()
     fig.tight_layout()
@@ -275,20 +282,26 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
     ]
     for res in all_results:
         paper = " / ".join(PAPER.get(res["env_id"], ("-", "-", "-")))
-        for method in ("iif", "random"):
+        rows = [
+            (m, k) for m in ("iif", "random") for k in ("efficiency_vs_ppo", "efficiency_vs_ppo_smoothed")
+        ]
+        for method, key in rows:
             entry = res["methods"].get(method)
-            if entry is None or "efficiency_vs_ppo" not in entry:
+            if entry is None or key not in entry:
                 continue
-            eff = entry["efficiency_vs_ppo"]
+            eff = entry[key]
+            label = (
+                method if eff.get("smooth", 1) == 1 else f"{method}, curves smoothed ({eff['smooth']} rounds)"
+            )
             rt = _fmt(eff["rt_peak"]) + (" (cpu)" if eff["timing"] == "cpu" else "")
             if eff["timing"] == "none":
                 rt = "n/a (not run beside PPO)"
             kwargs = res["config"].get("env_kwargs") or {}
             env = res["env_id"] + "".join(f" {k}={v}" for k, v in kwargs.items())
             lines.append(
-                f"| {env} | {method} | {len(eff['seeds'])} | {_fmt(eff['se_ave'])} | "
+                f"| {env} | {label} | {len(eff['seeds'])} | {_fmt(eff['se_ave'])} | "
                 f"{_fmt(eff['se_peak'])} | {rt} | {100 * eff['levels_reached']['value']:.0f} % | "
-                f"{100 * entry['kept_fraction_mean']:.0f} % | {paper if method == 'iif' else ''} |"
+                f"{100 * entry['kept_fraction_mean']:.0f} % | {paper if label == 'iif' else ''} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -70,6 +70,21 @@ def levels_between(base: np.ndarray, n_levels: int) -> np.ndarray:
     return np.minimum(levels, peak)
 
 
+def trailing_mean(curve: np.ndarray, window: int) -> np.ndarray:
+    """``float[n_rounds]``: ``out[r] = mean(curve[max(0, r - window + 1) : r + 1])`` (no look-ahead).
+
+    Smooths a curve evaluated on few episodes, so that a first passage is not a single noisy spike;
+    it delays every curve alike (by about ``(window - 1) / 2`` rounds on a steady rise).
+    """
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: must be an int >= 1, got {window!r}")
+    c = _curve("curve", curve)
+    sums = np.concatenate([[0.0], np.cumsum(c)])
+    idx = np.arange(1, c.size + 1)
+    lo = np.maximum(0, idx - window)
+    return (sums[idx] - sums[lo]) / (idx - lo)
+
+
 @dataclass
 class Efficiency:
     """SE_ave, SE_peak and RT_peak of a method against a baseline (fractions; 0.34 means 34 %).
@@ -141,6 +156,7 @@ def bootstrap_efficiency(
     alpha: float = 0.05,
     seed: int = 0,
     paired: bool = False,
+    smooth: int = 1,
 ) -> dict[str, Metrics]:
     """Efficiency of the seed-mean curves with a bootstrap over seeds.
 
@@ -150,6 +166,7 @@ def bootstrap_efficiency(
         method_seconds, base_seconds: cumulative seconds, same shapes as the curves (optional);
             the seed-mean of the cumulative seconds is used.
         n_boot: bootstrap resamples (seeds drawn with replacement, independently per method).
+        smooth: apply :func:`trailing_mean` with this window to the seed-mean curves (1: none).
         paired: draw the same seed rows for both (row i of method and base share a seed and ran
             side by side, so their wall-clock shares the machine's load); needs equal seed counts.
         alpha: the interval is the ``(alpha/2, 1 - alpha/2)`` percentile interval.
@@ -167,8 +184,8 @@ def bootstrap_efficiency(
 
     def stat(im: np.ndarray, ib: np.ndarray) -> Efficiency:
         return efficiency(
-            m[im].mean(0),
-            b[ib].mean(0),
+            trailing_mean(m[im].mean(0), smooth),
+            trailing_mean(b[ib].mean(0), smooth),
             n_levels=n_levels,
             method_seconds=None if ms is None else ms[im].mean(0),
             base_seconds=None if bs is None else bs[ib].mean(0),
@@ -215,4 +232,5 @@ __all__ = [
     "mean_and_band",
     "rounds_to_reach",
     "seconds_to_reach",
+    "trailing_mean",
 ]

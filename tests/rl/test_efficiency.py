@@ -12,6 +12,7 @@ from rlattr.rl.efficiency import (
     mean_and_band,
     rounds_to_reach,
     seconds_to_reach,
+    trailing_mean,
 )
 
 BASE = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -116,3 +117,13 @@ def test_paired_bootstrap_keeps_seed_pairs_together() -> None:
     assert bootstrap_efficiency(method, base, **kwargs)["rt_peak"]["std"] > 0.1
     with pytest.raises(ValueError, match="paired"):
         bootstrap_efficiency(method, base[:1], paired=True)
+
+
+def test_trailing_mean_by_hand_and_in_the_bootstrap() -> None:
+    np.testing.assert_allclose(trailing_mean(np.array([1.0, 3.0, 5.0, 0.0]), 2), [1.0, 2.0, 4.0, 2.5])
+    np.testing.assert_allclose(trailing_mean(BASE, 1), BASE)
+    spike = np.array([0.0, 0.0, 1.0, 0.0, 0.4, 0.6, 0.6, 0.6])  # a one-round spike sets the raw peak
+    smooth = bootstrap_efficiency(spike[None], spike[None], n_levels=4, n_boot=5, smooth=3)
+    assert smooth["se_ave"]["value"] == 0.0
+    with pytest.raises(ValueError, match="window"):
+        trailing_mean(BASE, 0)
