@@ -7,8 +7,10 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 EXTRAS ?= sb3,trl,dev
 STAMP := $(VENV)/.installed
+# the experiments' environments (Box2D for LunarLander, MiniGrid, highway-env): bench, validity, studies
+ENVS_STAMP := $(VENV)/.installed-envs
 
-.PHONY: demo test lint bench validity tda install clean
+.PHONY: demo test lint bench validity tda install install-envs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +21,13 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+$(ENVS_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[$(EXTRAS),envs]"
+	touch $(ENVS_STAMP)
+
 install: $(STAMP)
+
+install-envs: $(ENVS_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m rlattr.cli demo
@@ -32,12 +40,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check rlattr callbacks tests experiments
 	$(VENV)/bin/mypy rlattr
 
-bench: $(STAMP)
+bench: $(ENVS_STAMP)
 	$(PY) experiments/bench_grads.py
 	$(PY) experiments/bench_sb3_attribution.py
 
 # Local LDS of RL scorers against retraining (issue 7); about 20 minutes on one core.
-validity: $(STAMP)
+validity: $(ENVS_STAMP)
 	nice -n 5 $(PY) experiments/rl_attribution_validity.py --config configs/validity.yaml
 
 # Offline TDA benchmark on digits (LOO, LDS, wall-clock per method); about 25 minutes on 2 cores.

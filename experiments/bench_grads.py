@@ -11,7 +11,6 @@ record i of a buffer, with L_i a per-record policy-gradient loss ``-A_i log pi(a
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import platform
 import resource
 import statistics
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from fresh_process import run_in_fresh_process
 from torch import nn
 from torch.func import functional_call
 
@@ -88,18 +88,8 @@ def _run_method(method: str, setting: str, n: int, loop_records: int) -> dict[st
     return {"records_per_s": n / seconds, "seconds": seconds, "peak_mb": peak_mb, "records": n}
 
 
-def _child(args: tuple[str, str, int, int], queue: mp.Queue) -> None:
-    queue.put(_run_method(*args))
-
-
 def _measure(method: str, setting: str, n: int, loop_records: int) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=((method, setting, n, loop_records), queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
+    return run_in_fresh_process(_run_method, method, setting, n, loop_records)
 
 
 def _git_commit() -> str:

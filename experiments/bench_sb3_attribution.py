@@ -4,11 +4,13 @@ For each environment (CartPole-v1, LunarLander-v3), SB3 PPO with the paper's set
 batch 64, 10 epochs, MlpPolicy 64-64) runs ``--rounds`` rounds, ``--repeats`` times (seeds 0, 1,
 ...), each in a fresh process pinned to one torch thread. Per round we time the rollout (SB3's
 ``collect_rollouts`` minus the callback's own time), ``train()`` and the attribution (buffer copy,
-target gradient, JVP scores of all 2048 records; return target, actor parameters). torch's one-off
+target gradient, JVP scores of all 2048 records; return target, actor parameters; the variant
+"+ TensorBoard + snapshots" also writes the attr/* events and a full snapshot every round, as the
+callback does by default when it has a run folder). torch's one-off
 forward-AD initialisation (~0.5-1 s per process) is paid in the callback's ``_init_callback`` and
 timed apart ("init s"); the first round's attribution is reported apart too, and the table shows
-medians over the remaining rounds. Peak memory: the process's peak RSS with the callback (snapshots off) minus
-the same without it.
+medians over the remaining rounds. Peak memory: the process's peak RSS with the callback against the same
+without it. LunarLander needs Box2D (the ``envs`` extra; ``make bench`` installs it).
 
     python experiments/bench_sb3_attribution.py     # table to stdout and experiments/out/
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
 import resource
 import statistics
@@ -25,10 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fresh_process import run_in_fresh_process
+
 ENVS = ("CartPole-v1", "LunarLander-v3")
 
 
-def _one_run(env_id: str, seed: int, rounds: int, with_callback: bool, by_group: bool, queue: Any) -> None:
+def _one_run(env_id: str, seed: int, rounds: int, with_callback: bool, by_group: bool, full: bool = False):
+    import tempfile
+
     import torch
 
     torch.set_num_threads(1)
@@ -52,8 +57,13 @@ def _one_run(env_id: str, seed: int, rounds: int, with_callback: bool, by_group:
     model.train = timed("train", model.train)  # type: ignore[method-assign]
     callback = None
     if with_callback:
-        callback = InfluenceCallback(target="return", tensorboard=False, by_group=by_group)
-        callback.score_current_round = timed("attr", callback.score_current_round)  # type: ignore[method-assign]
+        if full:  # the callback as a user runs it: TensorBoard attr/* events and a snapshot every round
+            log_dir = tempfile.mkdtemp(prefix="bench_sb3_attr_")
+            callback = InfluenceCallback(target="return", by_group=by_group, log_dir=log_dir)
+        else:
+            callback = InfluenceCallback(target="return", tensorboard=False, by_group=by_group)
+        # the callback's whole per-round cost: scoring, and (full) TensorBoard events and the snapshot
+        callback._on_rollout_end = timed("attr", callback._on_rollout_end)  # type: ignore[method-assign]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     init_s = 0.0
     if callback is not None:
@@ -64,26 +74,18 @@ def _one_run(env_id: str, seed: int, rounds: int, with_callback: bool, by_group:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     attr = times["attr"] or [0.0] * len(times["collect"])
     rollout = [c - a for c, a in zip(times["collect"], attr, strict=True)]
-    queue.put(
-        {
-            "rollout": rollout,
-            "train": times["train"],
-            "attr": attr,
-            "init_s": init_s,
-            "peak_kib": peak_rss,
-            "base_kib": base_rss,
-        }
-    )
+    return {
+        "rollout": rollout,
+        "train": times["train"],
+        "attr": attr,
+        "init_s": init_s,
+        "peak_kib": peak_rss,
+        "base_kib": base_rss,
+    }
 
 
 def run_isolated(*args: Any) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_one_run, args=(*args, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
+    return run_in_fresh_process(_one_run, *args)
 
 
 def summarise(env_id: str, runs: list[dict[str, Any]], plain: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +124,25 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _provenance() -> dict[str, str]:
+    import subprocess
+
+    import stable_baselines3
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "git_commit": commit or "unknown",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "machine": platform.machine(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", nargs="+", default=list(ENVS))
@@ -133,9 +154,13 @@ def main() -> None:
     rows = []
     for env_id in args.envs:
         plain = run_isolated(env_id, 0, args.rounds, False, False)
-        variants = [("return, actor", False)] + ([("return, actor, by layer", True)] if args.by_group else [])
-        for name, by_group in variants:
-            runs = [run_isolated(env_id, seed, args.rounds, True, by_group) for seed in range(args.repeats)]
+        variants = [("return, actor", False, False), ("+ TensorBoard + snapshots", False, True)]
+        if args.by_group:
+            variants.append(("return, actor, by layer", True, False))
+        for name, by_group, full in variants:
+            runs = [
+                run_isolated(env_id, seed, args.rounds, True, by_group, full) for seed in range(args.repeats)
+            ]
             rows.append({**summarise(env_id, runs, plain), "variant": name})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = table(rows)
@@ -143,7 +168,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_sb3_attribution.md").write_text(text + "\n")
-    (out / "bench_sb3_attribution.json").write_text(json.dumps(rows, indent=2) + "\n")
+    record = {"args": vars(args), "provenance": _provenance(), "rows": rows}
+    (out / "bench_sb3_attribution.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
