@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 from torch import Tensor
@@ -52,7 +52,7 @@ from rlattr.callbacks.sb3_policy import (
 from rlattr.callbacks.sb3_validation import collect_validation
 from rlattr.rl.attribution import RoundScores, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
-from rlattr.rl.records import RecordBatch, RecordId
+from rlattr.rl.records import RecordBatch, RecordId, index_observations
 from rlattr.rl.snapshots import SnapshotWriter, run_metadata
 from rlattr.rl.targets import ActionTarget, TargetSpec, make_target
 
@@ -245,7 +245,7 @@ class InfluenceCallback(BaseCallback):
 
     # ----------------------------------------------------------------- public API
     @property
-    def rollout_buffer(self) -> RolloutBuffer:
+    def rollout_buffer(self) -> RolloutBuffer | DictRolloutBuffer:
         """SB3's rollout buffer, shape ``(n_steps, n_envs, ...)`` during ``_on_round_scored``."""
         return self.model.rollout_buffer
 
@@ -298,9 +298,9 @@ class InfluenceCallback(BaseCallback):
         if self._probe is None:
             if isinstance(self.probe_states, int):
                 pos = torch.linspace(0, len(records) - 1, min(self.probe_states, len(records))).long()
-                obs, act = records.observations[pos], records.actions[pos]
+                obs, act = index_observations(records.observations, pos), records.actions[pos]
             else:
-                obs, act = (torch.as_tensor(x) for x in self.probe_states)  # type: ignore[union-attr]
+                obs, act = self.probe_states  # type: ignore[misc]
             self._probe = ActionTarget(obs, act, reduce="none")
         probe = self._probe
         result = score_round(
@@ -335,7 +335,12 @@ class InfluenceCallback(BaseCallback):
         theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
         extra = {k: v for k, v in self.last_probe.items() if k in ("probe_scores", "probe_logp")}
         if self.last_probe and not self.history:  # the probes themselves, once, with the first round
-            extra.update({k: self.last_probe[k] for k in ("probe_observations", "probe_actions")})
+            probe_obs = self.last_probe["probe_observations"]
+            if isinstance(probe_obs, dict):
+                extra.update({f"probe_observations/{k}": v for k, v in probe_obs.items()})
+            else:
+                extra["probe_observations"] = probe_obs
+            extra["probe_actions"] = self.last_probe["probe_actions"]
         return self._snapshots.write_round(records, scores, theta, summary, extra)
 
     def _record_round(self, scores: RoundScores) -> None:

@@ -16,7 +16,7 @@ import torch
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.distributions import StateDependentNoiseDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.preprocessing import preprocess_obs
@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from rlattr.core.task import Params
 from rlattr.rl.ppo import PolicyOutput
-from rlattr.rl.records import RecordBatch
+from rlattr.rl.records import Observations, RecordBatch, map_observations
 
 SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)
 SUPPORTED_OBS_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
@@ -60,19 +60,27 @@ def check_model(model: Any) -> None:
             f"model.action_space: got {type(model.action_space).__name__}; supported: "
             f"{_names(SUPPORTED_ACTION_SPACES)}"
         )
-    if isinstance(model.observation_space, spaces.Dict):
+    obs_space = model.observation_space
+    if isinstance(obs_space, spaces.Dict):
+        bad = {
+            k: type(v).__name__
+            for k, v in obs_space.spaces.items()
+            if not isinstance(v, SUPPORTED_OBS_SPACES)
+        }
+        if bad:
+            raise TypeError(
+                f"model.observation_space: Dict entries {bad} are not supported; each entry of a Dict "
+                f"observation must be one of {_names(SUPPORTED_OBS_SPACES)} (nested Dict and Tuple are not)"
+            )
+    elif not isinstance(obs_space, SUPPORTED_OBS_SPACES):
         raise TypeError(
-            "model.observation_space: Dict observations (MultiInputPolicy) are not supported yet; "
-            f"supported: {_names(SUPPORTED_OBS_SPACES)} (vector or image Box observations)"
+            f"model.observation_space: got {type(obs_space).__name__}; supported: "
+            f"{_names(SUPPORTED_OBS_SPACES)} and a Dict of them (MultiInputPolicy)"
         )
-    if not isinstance(model.observation_space, SUPPORTED_OBS_SPACES):
+    expected = DictRolloutBuffer if isinstance(obs_space, spaces.Dict) else RolloutBuffer
+    if type(model.rollout_buffer) is not expected:
         raise TypeError(
-            f"model.observation_space: got {type(model.observation_space).__name__}; supported: "
-            f"{_names(SUPPORTED_OBS_SPACES)}"
-        )
-    if type(model.rollout_buffer) is not RolloutBuffer:
-        raise TypeError(
-            f"model.rollout_buffer: expected SB3's RolloutBuffer, got {type(model.rollout_buffer).__name__}"
+            f"model.rollout_buffer: expected SB3's {expected.__name__}, got {type(model.rollout_buffer).__name__}"
         )
 
 
@@ -95,7 +103,7 @@ class _EvaluateActions(nn.Module):
         self.policy = policy
 
     def forward(
-        self, obs: Tensor, actions: Tensor, with_values: bool
+        self, obs: Observations, actions: Tensor, with_values: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         policy = self.policy
         if with_values:
@@ -125,9 +133,10 @@ class SB3PolicyEval:
         self._wrapper = _EvaluateActions(policy)
         self._discrete = isinstance(policy.action_space, spaces.Discrete)
 
-    def __call__(self, params: Params, obs: Tensor, actions: Tensor) -> PolicyOutput:
+    def __call__(self, params: Params, obs: Observations, actions: Tensor) -> PolicyOutput:
         device = self.policy.device
-        obs, actions = obs.to(device), actions.to(device=device, dtype=self.action_dtype)
+        obs = map_observations(lambda x: x.to(device), obs)
+        actions = actions.to(device=device, dtype=self.action_dtype)
         if self._discrete:
             actions = actions.long().flatten()
         prefixed = {f"policy.{k}": v for k, v in params.items()}
@@ -151,8 +160,8 @@ class SB3PolicyEval:
                 dist.distribution = saved  # type: ignore[assignment]
 
 
-def records_from_buffer(buffer: RolloutBuffer, round_index: int) -> RecordBatch:
-    """Copy a full, not yet flattened RolloutBuffer into a RecordBatch (ids (round, step, env))."""
+def records_from_buffer(buffer: RolloutBuffer | DictRolloutBuffer, round_index: int) -> RecordBatch:
+    """Copy a full, not yet flattened (Dict)RolloutBuffer into a RecordBatch (ids (round, step, env))."""
     if not buffer.full:
         raise ValueError(f"buffer: the rollout buffer is not full (pos={buffer.pos} of {buffer.buffer_size})")
     if buffer.generator_ready:
@@ -161,9 +170,10 @@ def records_from_buffer(buffer: RolloutBuffer, round_index: int) -> RecordBatch:
     def t(x: np.ndarray) -> Tensor:
         return torch.from_numpy(np.array(x, copy=True))
 
+    obs = buffer.observations
     return RecordBatch.from_rollout(
         round_index,
-        observations=t(buffer.observations),
+        observations={k: t(v) for k, v in obs.items()} if isinstance(obs, dict) else t(obs),
         actions=t(buffer.actions),
         old_log_prob=t(buffer.log_probs),
         values=t(buffer.values),

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
-from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -31,7 +31,8 @@ def collect_validation(model: Any, env: VecEnv, n_steps: int, round_index: int) 
     if env.observation_space != model.observation_space or env.action_space != model.action_space:
         raise ValueError("validation_env: its observation and action spaces must equal the model's")
     policy = model.policy
-    buffer = RolloutBuffer(
+    buffer_class = DictRolloutBuffer if isinstance(env.observation_space, spaces.Dict) else RolloutBuffer
+    buffer = buffer_class(
         n_steps,
         env.observation_space,
         env.action_space,

@@ -4,7 +4,7 @@ For each config (configs/iif/*.yaml) this runs standard PPO, IIF (neg-bottom p) 
 random-drop baseline for N seeds in parallel processes, evaluates every round's policy on
 stochastic episodes, and writes into ``<out>/<name>/``::
 
-    runs/<method>_seed<k>.json   one run (skipped when it exists: the study is resumable)
+    seed_runs/<method>_seed<k>.json   one run (skipped when it exists: the study is resumable)
     results.json                 SE_ave, SE_peak, RT_peak with bootstrap CIs, config, versions, commit
     curves.png                   seed-mean learning curves with 95 % bootstrap bands
     table.md                     the Markdown table
@@ -111,7 +111,7 @@ def provenance() -> dict[str, Any]:
 
 
 def _run_file(out: Path, method: str, seed: int) -> Path:
-    return out / "runs" / f"{method}_seed{seed}.json"
+    return out / "seed_runs" / f"{method}_seed{seed}.json"
 
 
 def _worker(cfg: dict[str, Any], method: str, seed: int, path: str) -> str:
@@ -153,7 +153,7 @@ def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray:
 
 def _load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((out / "runs").glob("*.json")):
+    for path in sorted((out / "seed_runs").glob("*.json")):
         run = json.loads(path.read_text())
         # Runs written before "started"/"finished" were recorded: the file time ends the run.
         run.setdefault("finished", path.stat().st_mtime)
@@ -341,6 +341,12 @@ def main(argv: list[str] | None = None) -> None:
         if res is not None:
             collected.append(res)
             print((out / "table.md").read_text(), flush=True)
+    if args.report_only and not collected:
+        raise SystemExit(
+            f"--report-only: no finished PPO run under {args.out}/<name>/seed_runs/ for "
+            f"{[str(p) for p in args.configs]}; run the study first (without --report-only), "
+            "or point --out at the folder that holds its runs"
+        )
     if args.table is not None and collected:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(markdown_table(collected))

@@ -7,7 +7,9 @@
    and a random-drop baseline dropping as many completions as IIF would, chosen at random.
 3. Record the reward per step (TRL's own ``reward`` metric on the training prompts), wall-clock,
    steps to a reward threshold, SE_ave / SE_peak / RT_peak (rlattr.rl.efficiency) and held-out
-   accuracy; write JSON, a PNG of the reward curves and ``docs/results/rlhf.md``.
+   accuracy; write JSON, a PNG of the reward curves (``rlhf_reward.png``) and a Markdown table
+   (``rlhf_table.md``) into ``--out``, or into ``--doc-dir`` when given (``docs/results`` for the
+   figures that docs/results/rlhf.md shows).
 
 Run: ``python experiments/rlhf_iif.py --seeds 0 1 2 --steps 60``. Nothing is downloaded.
 """
@@ -147,7 +149,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.6, help="reward level for steps-to-threshold")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window for curves")
     p.add_argument("--out", default="runs/rlhf_iif")
-    p.add_argument("--doc", default="docs/results/rlhf.md")
+    p.add_argument(
+        "--doc-dir", default=None, help="folder for rlhf_reward.png and rlhf_table.md (default: --out)"
+    )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from <out>/results.json")
     return p.parse_args()
 
@@ -249,9 +253,9 @@ def plot(runs: list[dict], args: argparse.Namespace, path: Path) -> None:
 
 
 def write_report(result: dict, args: argparse.Namespace) -> None:
-    doc = Path(args.doc)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    png = doc.with_name("rlhf_reward.png")
+    doc_dir = Path(args.doc_dir if args.doc_dir is not None else args.out)
+    doc_dir.mkdir(parents=True, exist_ok=True)
+    png = doc_dir / "rlhf_reward.png"
     plot(result["runs"], args, png)
     stats = {arm: arm_stats(result["runs"], arm, args) for arm in ARMS}
     keys = list(stats["iif"])
@@ -260,7 +264,7 @@ def write_report(result: dict, args: argparse.Namespace) -> None:
         cells = [f"{stats[a][k][0]:.3g} +- {stats[a][k][1]:.2g}" if k in stats[a] else "" for a in ARMS]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    (doc.parent / "rlhf_table.md").write_text(table + "\n")
+    (doc_dir / "rlhf_table.md").write_text(table + "\n")
     print(table)
 
 

@@ -34,8 +34,9 @@ def _table(run: AttributionRun, k: int, top_k: int) -> str:
         state = action = "(pruned)"
         if records is not None:
             from rlattr.diagnostics.tensorboard import state_summary
+            from rlattr.rl.records import index_observations
 
-            state = state_summary(records.observations[j])
+            state = state_summary(index_observations(records.observations, j))
             action = ", ".join(f"{float(a):.3g}" for a in records.actions[j].reshape(-1)[:4])
         rows.append(
             f"<tr><td>{side}</td><td>{format_id(scores.ids[j])}</td><td>{html.escape(state)}</td>"

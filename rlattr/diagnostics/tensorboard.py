@@ -15,11 +15,13 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from rlattr.rl.attribution import RoundScores
-from rlattr.rl.records import RecordBatch, format_id
+from rlattr.rl.records import RecordBatch, format_id, index_observations
 
 
-def state_summary(obs: Tensor, max_values: int = 4) -> str:
-    """A short printable summary of one observation ``Tensor[*obs_shape]``."""
+def state_summary(obs: Tensor | dict[str, Tensor], max_values: int = 4) -> str:
+    """A short printable summary of one observation ``Tensor[*obs_shape]`` (or a dict of them)."""
+    if isinstance(obs, dict):
+        return "; ".join(f"{k}: {state_summary(v, max_values)}" for k, v in obs.items())
     flat = obs.reshape(-1).float()
     if obs.dim() > 1 or flat.numel() > 8:
         return f"shape {tuple(obs.shape)} mean {float(flat.mean()):.3g}"
@@ -37,7 +39,7 @@ def top_bottom_table(records: RecordBatch, scores: Tensor, k: int) -> str:
     for side, i, j in picks:
         action = ", ".join(f"{float(a):.3g}" for a in records.actions[j].reshape(-1)[:4])
         rows.append(
-            f"| {side} {i + 1} | {format_id(records.ids[j])} | {state_summary(records.observations[j])} | "
+            f"| {side} {i + 1} | {format_id(records.ids[j])} | {state_summary(index_observations(records.observations, j))} | "
             f"{action} | {float(records.advantages[j]):.3g} | {float(scores[j]):.4g} |"
         )
     return "\n".join(rows)

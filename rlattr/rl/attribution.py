@@ -62,7 +62,9 @@ def average_duplicates(records: RecordBatch, scores: Tensor, *, max_features: in
     both rare and costly to find.
     """
     n = len(records)
-    parts = [records.observations, records.actions, records.old_log_prob, records.advantages]
+    obs = records.observations
+    obs_parts = [obs[k] for k in sorted(obs)] if isinstance(obs, dict) else [obs]
+    parts = [*obs_parts, records.actions, records.old_log_prob, records.advantages]
     key = torch.cat([p.reshape(n, -1).to(torch.float64) for p in parts], dim=1)
     if key.shape[1] > max_features:
         return scores

@@ -57,8 +57,9 @@ class PolicyOutput(NamedTuple):
     values: Tensor | None
 
 
-PolicyEval = Callable[[Params, Tensor, Tensor], PolicyOutput]
-"""``(params, observations: Tensor[n, ...], actions: Tensor[n, ...]) -> PolicyOutput``."""
+PolicyEval = Callable[[Params, Any, Tensor], PolicyOutput]
+"""``(params, observations, actions: Tensor[n, ...]) -> PolicyOutput``; observations are
+``Tensor[n, ...]`` or, for dict observation spaces, ``{key: Tensor[n, ...]}``."""
 
 
 @dataclass

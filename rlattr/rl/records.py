@@ -4,18 +4,66 @@ Records are laid out step-major: record ``r`` is the transition of environment `
 rollout step ``r // n_envs`` (the row-major flattening of the ``(n_steps, n_envs)`` buffer). The
 id tensor says so explicitly, so a score never depends on a position that could be shuffled.
 Framework-free: the stable-baselines3 adapter fills a RecordBatch from its RolloutBuffer.
+
+Observations are one ``Tensor[n, *obs_shape]``, or for dict observation spaces a
+``dict[str, Tensor[n, ...]]`` (one entry per key, as SB3's ``DictRolloutBuffer`` stores them);
+:func:`map_observations`, :func:`num_observations` and :func:`index_observations` work on both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
+from typing import Union
 
 import torch
 from torch import Tensor
 
 RecordId = tuple[int, int, int]
+Observations = Union[Tensor, dict[str, Tensor]]  # noqa: UP007 (a runtime alias; py3.10 has no Tensor | dict)
+"""``Tensor[n, *obs_shape]`` or ``{key: Tensor[n, *shape_of_key]}``."""
 _FLOAT_FIELDS = ("old_log_prob", "values", "rewards", "returns", "advantages", "episode_starts")
+_OBS_KEY_SEP = "/"  # stored dict observations: "observations/<key>"
+
+
+def map_observations(fn: Callable[[Tensor], Tensor], obs: Observations) -> Observations:
+    """``fn`` applied to the observation tensor, or to every entry of a dict observation."""
+    if isinstance(obs, dict):
+        return {k: fn(v) for k, v in obs.items()}
+    return fn(obs)
+
+
+def num_observations(obs: Observations) -> int:
+    """The number of records (the leading dimension) of a tensor or dict observation."""
+    if isinstance(obs, dict):
+        if not obs:
+            raise ValueError("observations: a dict observation needs at least one key")
+        return int(next(iter(obs.values())).shape[0])
+    return int(obs.shape[0])
+
+
+def index_observations(obs: Observations, index: Tensor | Sequence[int] | int | slice) -> Observations:
+    """The records at ``index`` (a mask, positions, one position or a slice) of either form."""
+    idx = index if isinstance(index, (int, slice)) else torch.as_tensor(index)
+    return map_observations(lambda x: x[idx], obs)
+
+
+def as_observations(value: object, name: str = "observations") -> Observations:
+    """Tensors (or a dict of them) from array-likes; a clear error for anything else."""
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError(f"{name}: a dict observation needs at least one key")
+        out = {str(k): torch.as_tensor(v) for k, v in value.items()}
+        sizes = {k: v.shape[0] if v.dim() else None for k, v in out.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise ValueError(f"{name}: every key needs the same leading (record) dimension, got {sizes}")
+        return out
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"{name}: expected a tensor, an array or a dict of them, got {type(value).__name__}"
+        ) from err
 
 
 @dataclass
@@ -23,7 +71,8 @@ class RecordBatch:
     """The records of one round.
 
     Attributes:
-        observations: ``Tensor[n, *obs_shape]`` in the dtype the buffer stored (images stay uint8).
+        observations: ``Tensor[n, *obs_shape]`` in the dtype the buffer stored (images stay uint8),
+            or ``dict[str, Tensor[n, ...]]`` for dict observation spaces.
         actions: ``Tensor[n, action_dim]`` as the buffer stored them.
         old_log_prob: ``Tensor[n]``, log pi_theta(k)(a|s) at collection time.
         values: ``Tensor[n]``, V(s) at collection time.
@@ -34,7 +83,7 @@ class RecordBatch:
         ids: ``Tensor[n, 3]`` int64, the stable id ``(round, step, env)`` of every record.
     """
 
-    observations: Tensor
+    observations: Observations
     actions: Tensor
     old_log_prob: Tensor
     values: Tensor
@@ -53,6 +102,16 @@ class RecordBatch:
             raise ValueError("ids: empty RecordBatch (0 records); a round must hold at least one record")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "observations" and isinstance(value, dict):
+                if not value:
+                    raise ValueError("observations: a dict observation needs at least one key")
+                for key, part in value.items():
+                    if not isinstance(part, Tensor) or part.dim() == 0 or part.shape[0] != n:
+                        what = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
+                        raise ValueError(
+                            f"observations[{key!r}]: expected {n} records (leading dimension), got {what}"
+                        )
+                continue
             if not isinstance(value, Tensor):
                 raise TypeError(f"{f.name}: expected a torch.Tensor, got {type(value).__name__}")
             if value.shape[0] != n:
@@ -68,7 +127,7 @@ class RecordBatch:
         cls,
         round_index: int,
         *,
-        observations: Tensor,
+        observations: Observations,
         actions: Tensor,
         old_log_prob: Tensor,
         values: Tensor,
@@ -79,14 +138,14 @@ class RecordBatch:
     ) -> RecordBatch:
         """Build from ``(n_steps, n_envs, ...)`` arrays, flattening step-major and assigning ids.
 
-        ``observations: Tensor[n_steps, n_envs, *obs_shape]``, ``actions: Tensor[n_steps, n_envs,
-        action_dim]``, the others ``Tensor[n_steps, n_envs]``.
+        ``observations: Tensor[n_steps, n_envs, *obs_shape]`` (or a dict of such tensors),
+        ``actions: Tensor[n_steps, n_envs, action_dim]``, the others ``Tensor[n_steps, n_envs]``.
         """
-        if observations.dim() < 2:
-            raise ValueError(
-                f"observations: expected (n_steps, n_envs, ...), got shape {tuple(observations.shape)}"
-            )
-        n_steps, n_envs = observations.shape[:2]
+        lead = actions if isinstance(observations, dict) else observations
+        if lead.dim() < 2:
+            name = "actions" if isinstance(observations, dict) else "observations"
+            raise ValueError(f"{name}: expected (n_steps, n_envs, ...), got shape {tuple(lead.shape)}")
+        n_steps, n_envs = lead.shape[:2]
         steps = torch.arange(n_steps).repeat_interleave(n_envs)
         envs = torch.arange(n_envs).repeat(n_steps)
         ids = torch.stack([torch.full_like(steps, int(round_index)), steps, envs], dim=1)
@@ -98,8 +157,12 @@ class RecordBatch:
                 )
             return x.reshape(n_steps * n_envs, *x.shape[2:])
 
+        if isinstance(observations, dict):
+            flat_obs: Observations = {k: flat(v, f"observations[{k!r}]") for k, v in observations.items()}
+        else:
+            flat_obs = flat(observations, "observations")
         return cls(
-            observations=flat(observations, "observations"),
+            observations=flat_obs,
             actions=flat(actions, "actions"),
             old_log_prob=flat(old_log_prob, "old_log_prob"),
             values=flat(values, "values"),
@@ -118,27 +181,47 @@ class RecordBatch:
         """The round of the first record (a RecordBatch normally holds one round)."""
         return int(self.ids[0, 0])
 
-    def as_batch(self) -> dict[str, Tensor]:
+    @property
+    def has_dict_observations(self) -> bool:
+        return isinstance(self.observations, dict)
+
+    def as_batch(self) -> dict[str, Tensor | dict[str, Tensor]]:
         """The tensors as a dict pytree for :mod:`rlattr.core` (every leaf has the record dimension)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_tensors(self) -> dict[str, Tensor]:
-        """Flat ``dict[str, Tensor]`` for :func:`rlattr.core.store.save_tensors`."""
-        return self.as_batch()
+        """Flat ``dict[str, Tensor]`` for :func:`rlattr.core.store.save_tensors` (dict observations
+        are stored under ``"observations/<key>"``)."""
+        out: dict[str, Tensor] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                out.update({f"{f.name}{_OBS_KEY_SEP}{k}": v for k, v in value.items()})
+            else:
+                out[f.name] = value
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> RecordBatch:
         """Inverse of :meth:`to_tensors`."""
+        values: dict[str, Observations] = dict(tensors)
+        prefix = "observations" + _OBS_KEY_SEP
+        obs_parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if obs_parts and "observations" not in tensors:
+            values["observations"] = obs_parts
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in tensors]
+        missing = [n for n in names if n not in values]
         if missing:
             raise ValueError(f"tensors: missing RecordBatch field(s) {missing}")
-        return cls(**{n: tensors[n] for n in names})
+        return cls(**{n: values[n] for n in names})  # type: ignore[arg-type]
 
     def select(self, index: Tensor | Sequence[int]) -> RecordBatch:
         """The records at positions ``index`` (a bool mask ``Tensor[n]`` or integer positions)."""
         idx = torch.as_tensor(index)
-        return RecordBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "observations"}
+        return RecordBatch(
+            observations=index_observations(self.observations, idx), **{k: v[idx] for k, v in parts.items()}
+        )
 
     def id_list(self) -> list[RecordId]:
         """Ids as ``[(round, step, env), ...]`` in record order."""

@@ -42,7 +42,7 @@ from rlattr.core.grads import directional_scores, target_grads
 from rlattr.core.task import Params
 from rlattr.rl.attribution import build_round_task
 from rlattr.rl.ppo import SB3_ADV_EPS, PolicyEval, PPOLossConfig
-from rlattr.rl.records import RecordBatch
+from rlattr.rl.records import RecordBatch, index_observations
 from rlattr.rl.targets import TargetSpec
 
 
@@ -150,9 +150,9 @@ def _make_optimizer(snapshot: RoundSnapshot, leaves: list[nn.Parameter]) -> torc
     return opt
 
 
-def _minibatch(records: RecordBatch, idx: Tensor) -> dict[str, Tensor]:
+def _minibatch(records: RecordBatch, idx: Tensor) -> dict[str, Any]:
     return {
-        "observations": records.observations[idx],
+        "observations": index_observations(records.observations, idx),
         "actions": records.actions[idx],
         "old_log_prob": records.old_log_prob[idx],
         "old_values": records.values[idx],
@@ -162,7 +162,7 @@ def _minibatch(records: RecordBatch, idx: Tensor) -> dict[str, Tensor]:
 
 
 def _minibatch_loss(
-    policy_eval: PolicyEval, params: Params, mb: dict[str, Tensor], hyper: RoundHyperparameters
+    policy_eval: PolicyEval, params: Params, mb: dict[str, Any], hyper: RoundHyperparameters
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, approx_kl, norm_advantages: Tensor[B])`` of one minibatch, as ``PPO.train``."""
     out = policy_eval(params, mb["observations"], mb["actions"])

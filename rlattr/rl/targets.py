@@ -23,7 +23,7 @@ from torch import Tensor
 
 from rlattr.core.task import Batch, Params, TargetFn
 from rlattr.rl.ppo import PolicyEval
-from rlattr.rl.records import RecordBatch
+from rlattr.rl.records import Observations, RecordBatch, as_observations, num_observations
 
 RETURN_SOURCES = ("buffer", "validation")
 ACTION_REDUCTIONS = ("mean", "none")
@@ -91,20 +91,23 @@ class ActionTarget(TargetSpec):
     """``log pi(a|s)`` of chosen pairs.
 
     Args:
-        observations: ``Tensor[m, *obs_shape]``, the states.
+        observations: ``Tensor[m, *obs_shape]`` (or ``{key: Tensor[m, ...]}`` for dict observation
+            spaces), the states.
         actions: ``Tensor[m, action_dim]`` (or ``Tensor[m]`` for Discrete), the actions.
         reduce: ``"mean"`` (one scalar target) or ``"none"`` (m targets, scores ``Tensor[m, n]``).
     """
 
     name = "action"
 
-    def __init__(self, observations: Tensor, actions: Tensor, reduce: str = "mean") -> None:
+    def __init__(self, observations: Observations, actions: Tensor, reduce: str = "mean") -> None:
         if reduce not in ACTION_REDUCTIONS:
             raise ValueError(f"reduce: got {reduce!r}; supported: {ACTION_REDUCTIONS}")
-        obs, act = torch.as_tensor(observations), torch.as_tensor(actions)
-        if obs.shape[0] != act.shape[0] or obs.shape[0] == 0:
+        obs, act = as_observations(observations), torch.as_tensor(actions)
+        m = num_observations(obs) if isinstance(obs, dict) or obs.dim() else 0
+        if act.dim() == 0 or m != act.shape[0] or m == 0:
+            n_act = act.shape[0] if act.dim() else 0
             raise ValueError(
-                f"observations/actions: need the same non-zero number of pairs, got {obs.shape[0]} and {act.shape[0]}"
+                f"observations/actions: need the same non-zero number of pairs, got {m} and {n_act}"
             )
         if act.dim() == 1:
             act = act.unsqueeze(1)
@@ -123,7 +126,7 @@ class ActionTarget(TargetSpec):
         return target, batch
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "reduce": self.reduce, "n_pairs": int(self.observations.shape[0])}
+        return {**super().describe(), "reduce": self.reduce, "n_pairs": num_observations(self.observations)}
 
 
 class CustomTarget(TargetSpec):

@@ -42,6 +42,7 @@ from rlattr.core.task import Batch, Params
 from rlattr.rl.attribution import build_round_task, score_round
 from rlattr.rl.filtering import NegBottom, RandomDrop
 from rlattr.rl.ppo import PolicyEval, PPOLossConfig
+from rlattr.rl.records import num_observations
 from rlattr.rl.replay import RoundSnapshot, replay_round, retrain_subset
 from rlattr.rl.targets import ReturnTarget, TargetSpec
 
@@ -174,7 +175,7 @@ def action_log_probs(actor_eval: PolicyEval, n_actions: int) -> Callable[[Params
     def output(params: Params, batch: Batch) -> Tensor:
         obs = batch["observations"]
         cols = [
-            actor_eval(params, obs, torch.full((obs.shape[0], 1), float(c))).log_prob
+            actor_eval(params, obs, torch.full((num_observations(obs), 1), float(c))).log_prob
             for c in range(n_actions)
         ]
         return torch.stack(cols, dim=1)

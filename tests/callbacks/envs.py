@@ -25,7 +25,9 @@ class ToyEnv(gym.Env):
         elif obs == "image":
             self.observation_space = spaces.Box(0, 255, (12, 12, 1), np.uint8)
         elif obs == "dict":
-            self.observation_space = spaces.Dict({"x": spaces.Box(-1.0, 1.0, (3,), np.float32)})
+            self.observation_space = spaces.Dict(
+                {"x": spaces.Box(-1.0, 1.0, (3,), np.float32), "k": spaces.Discrete(3)}
+            )
         else:
             raise ValueError(obs)
         self.horizon, self.t = horizon, 0

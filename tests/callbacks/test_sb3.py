@@ -17,6 +17,7 @@ import rlattr.callbacks.sb3_policy as sb3_policy
 from rlattr.callbacks.sb3 import InfluenceCallback
 from rlattr.callbacks.sb3_policy import SB3PolicyEval
 from rlattr.rl.attribution import score_round
+from rlattr.rl.records import index_observations
 from rlattr.rl.targets import ReturnTarget
 from tests.callbacks.envs import SMALL_NET, TinyCNN, ToyEnv
 
@@ -38,7 +39,7 @@ class Capture(InfluenceCallback):
                 "config": self.loss_config(),
                 "records": records,
                 "scores": scores,
-                "obs": np.copy(buf.observations),
+                "obs": _copy_obs(buf.observations),
                 "actions": np.copy(buf.actions),
                 "advantages": np.copy(buf.advantages),
                 "labels": sb3_policy.first_epoch_minibatches(
@@ -48,6 +49,10 @@ class Capture(InfluenceCallback):
         )
 
 
+def _copy_obs(obs):
+    return {k: np.copy(v) for k, v in obs.items()} if isinstance(obs, dict) else np.copy(obs)
+
+
 def _float64_inputs():
     """Make SB3's preprocess_obs return float64 so a ``.double()`` policy runs end to end."""
     import stable_baselines3.common.policies as policies
@@ -55,7 +60,8 @@ def _float64_inputs():
     original = policies.preprocess_obs
 
     def pre(obs, space, normalize_images=True):
-        return original(obs, space, normalize_images=normalize_images).double()
+        out = original(obs, space, normalize_images=normalize_images)
+        return {k: v.double() for k, v in out.items()} if isinstance(out, dict) else out.double()
 
     stack = ExitStack()
     stack.enter_context(mock.patch.object(policies, "preprocess_obs", pre))
@@ -83,7 +89,8 @@ def brute_force(policy, records, config, names, labels=None) -> torch.Tensor:
         g_target = torch.autograd.grad(target, tracked, allow_unused=True)
         out = []
         for i in range(len(records)):
-            values, logp, ent = pol.evaluate_actions(records.observations[i : i + 1], acts[i : i + 1])
+            obs_i = index_observations(records.observations, slice(i, i + 1))
+            values, logp, ent = pol.evaluate_actions(obs_i, acts[i : i + 1])
             ratio = torch.exp(logp - records.old_log_prob[i].double())
             c = config.clip_range
             loss = -torch.min(adv[i] * ratio, adv[i] * torch.clamp(ratio, 1 - c, 1 + c))
@@ -112,6 +119,7 @@ CASES = {
     ),
     "multidiscrete": lambda: ("MlpPolicy", _toy(spaces.MultiDiscrete([3, 2])), {}),
     "multibinary": lambda: ("MlpPolicy", _toy(spaces.MultiBinary(3)), {}),
+    "dict": lambda: ("MultiInputPolicy", _toy(spaces.Discrete(3), obs="dict", n_envs=2), {}),
 }
 
 
@@ -145,6 +153,8 @@ def _run(
         ("cnn", "actor", "auto"),
         ("multidiscrete", "actor", "auto"),
         ("multibinary", "actor", "auto"),
+        ("dict", "actor", "auto"),
+        ("dict", "all", "minibatch"),
     ],
 )
 def test_scores_match_float64_brute_force(case: str, params: str, norm: str) -> None:
@@ -276,9 +286,6 @@ def test_unsupported_algorithms_and_spaces_fail_clearly() -> None:
         A2C("MlpPolicy", env, n_steps=8).learn(8, callback=InfluenceCallback())
     with pytest.raises(TypeError, match="supports stable_baselines3.PPO only.*DQN"):
         DQN("MlpPolicy", env, learning_starts=0).learn(8, callback=InfluenceCallback())
-    dict_env = make_vec_env(lambda: ToyEnv(spaces.Discrete(2), obs="dict"), n_envs=1)
-    with pytest.raises(TypeError, match="Dict observations.*not supported"):
-        PPO("MultiInputPolicy", dict_env, n_steps=8, batch_size=8).learn(8, callback=InfluenceCallback())
     from stable_baselines3.common.policies import ActorCriticPolicy
 
     class RecurrentActorCriticPolicy(ActorCriticPolicy):

@@ -27,37 +27,41 @@ class CounterEnv(gym.Env):
     """Observation ``[c, env_index]`` with ``c`` this env's step counter (never reset): unique ids.
 
     The counter of rollout step s in round k is ``k * N_STEPS + s``; reward 1 for action ``c % 2``.
+
+    With ``dict_obs`` the observation is ``{"c": [c, env_index], "k": c % 3}`` (MultiInputPolicy).
     """
 
-    observation_space = spaces.Box(-1e6, 1e6, (2,), np.float32)
     action_space = spaces.Discrete(2)
 
-    def __init__(self, index: int = 0) -> None:
-        self.index, self.count, self.t = index, 0, 0
+    def __init__(self, index: int = 0, dict_obs: bool = False) -> None:
+        self.index, self.count, self.t, self.dict_obs = index, 0, 0, dict_obs
+        box = spaces.Box(-1e6, 1e6, (2,), np.float32)
+        self.observation_space = spaces.Dict({"c": box, "k": spaces.Discrete(3)}) if dict_obs else box
 
-    def _obs(self) -> np.ndarray:
-        return np.array([self.count, self.index], dtype=np.float32)
+    def _obs(self) -> Any:
+        vec = np.array([self.count, self.index], dtype=np.float32)
+        return {"c": vec, "k": self.count % 3} if self.dict_obs else vec
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
         super().reset(seed=seed)
         self.t = 0
         return self._obs(), {}
 
-    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+    def step(self, action: int) -> tuple[Any, float, bool, bool, dict]:
         reward = float(int(action) == self.count % 2)
         self.count, self.t = self.count + 1, self.t + 1
         return self._obs(), reward, self.t >= 8, False, {}
 
 
-def _env_fns() -> list:
-    return [lambda i=i: CounterEnv(i) for i in range(N_ENVS)]
+def _env_fns(dict_obs: bool = False) -> list:
+    return [lambda i=i: CounterEnv(i, dict_obs) for i in range(N_ENVS)]
 
 
-def _model(vec_cls: type = DummyVecEnv, **kwargs: Any) -> PPO:
+def _model(vec_cls: type = DummyVecEnv, dict_obs: bool = False, **kwargs: Any) -> PPO:
     kwargs = {"n_epochs": EPOCHS, **kwargs}
-    return PPO(
-        "MlpPolicy", vec_cls(_env_fns()), n_steps=N_STEPS, batch_size=BATCH, seed=0, device="cpu", **kwargs
-    )
+    policy = "MultiInputPolicy" if dict_obs else "MlpPolicy"
+    env = vec_cls(_env_fns(dict_obs))
+    return PPO(policy, env, n_steps=N_STEPS, batch_size=BATCH, seed=0, device="cpu", **kwargs)
 
 
 def _spy_train_samples(model: PPO) -> list[list[tuple[int, int]]]:
@@ -69,7 +73,8 @@ def _spy_train_samples(model: PPO) -> list[list[tuple[int, int]]]:
     def get(batch_size: int | None = None):  # type: ignore[no-untyped-def]
         seen.append([])
         for data in original_get(batch_size):
-            seen[-1].extend((int(o[0]), int(o[1])) for o in data.observations.numpy())
+            obs = data.observations["c"] if isinstance(data.observations, dict) else data.observations
+            seen[-1].extend((int(o[0]), int(o[1])) for o in obs.numpy())
             yield data
 
     buf.get = get  # type: ignore[method-assign]
@@ -81,8 +86,9 @@ def _record_key(rid: list[int]) -> tuple[int, int]:
     return round_index * N_STEPS + step, env
 
 
-def test_train_sees_exactly_the_kept_records_every_epoch() -> None:
-    model = _model()
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_train_sees_exactly_the_kept_records_every_epoch(dict_obs: bool) -> None:
+    model = _model(dict_obs=dict_obs)
     seen = _spy_train_samples(model)
     cb = IIFCallback(drop="neg-bottom", p=1.0, min_keep=BATCH)
     model.learn(3 * N_STEPS * N_ENVS, callback=cb)
@@ -217,9 +223,9 @@ def test_experiment_smoke_writes_its_table(tmp_path: Path) -> None:
     study.main(
         [*argv, "--rounds", "3", "--n-steps", "128", "--episodes", "4", "--table", str(tmp_path / "t.md")]
     )
-    runs = sorted(p.name for p in (tmp_path / "frozenlake" / "runs").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "frozenlake" / "seed_runs").iterdir())
     assert runs == ["iif_seed0.json", "ppo_seed0.json"]
-    run = json.loads((tmp_path / "frozenlake" / "runs" / "iif_seed0.json").read_text())
+    run = json.loads((tmp_path / "frozenlake" / "seed_runs" / "iif_seed0.json").read_text())
     assert len(run["curve"]) == len(run["seconds"]) == len(run["kept_fraction"]) == 3
     assert np.all(np.diff(run["seconds"]) > 0) and run["provenance"]["torch"] == torch.__version__
     results = json.loads((tmp_path / "frozenlake" / "results.json").read_text())
@@ -227,6 +233,6 @@ def test_experiment_smoke_writes_its_table(tmp_path: Path) -> None:
     table = (tmp_path / "t.md").read_text()
     assert table.startswith("| env | method |") and "FrozenLake-v1 | iif | 1 |" in table
     assert (tmp_path / "frozenlake" / "curves.png").stat().st_size > 0
-    mtime = (tmp_path / "frozenlake" / "runs" / "ppo_seed0.json").stat().st_mtime
+    mtime = (tmp_path / "frozenlake" / "seed_runs" / "ppo_seed0.json").stat().st_mtime
     study.main([*argv, "--rounds", "3", "--n-steps", "128", "--episodes", "4"])  # resumable: nothing reruns
-    assert (tmp_path / "frozenlake" / "runs" / "ppo_seed0.json").stat().st_mtime == mtime
+    assert (tmp_path / "frozenlake" / "seed_runs" / "ppo_seed0.json").stat().st_mtime == mtime

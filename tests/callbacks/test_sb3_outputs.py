@@ -6,13 +6,16 @@ import copy
 
 import pytest
 import torch
+from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rlattr
 from rlattr.callbacks.sb3 import InfluenceCallback
-from tests.callbacks.envs import SMALL_NET
+from rlattr.diagnostics.report import write_report
+from rlattr.rl.targets import ReturnTarget
+from tests.callbacks.envs import SMALL_NET, ToyEnv
 
 torch.set_num_threads(1)
 
@@ -143,3 +146,57 @@ def test_second_learn_call_continues_the_run(tmp_path) -> None:
     model.learn(32, callback=cb, reset_num_timesteps=False)
     run = rlattr.load_run(cb.run_dir)
     assert run.rounds == [0, 1, 2] and run.scores(2).ids[0].tolist() == [2, 0, 0]
+
+
+def _dict_model(tmp_path, seed: int = 4) -> PPO:
+    env = make_vec_env(lambda: ToyEnv(spaces.Discrete(3), obs="dict"), n_envs=2, seed=seed)
+    return PPO(
+        "MultiInputPolicy",
+        env,
+        n_steps=16,
+        batch_size=16,
+        n_epochs=2,
+        seed=seed,
+        policy_kwargs=SMALL_NET,
+        tensorboard_log=str(tmp_path / "runs"),
+    )
+
+
+def test_dict_observations_end_to_end(tmp_path) -> None:
+    """MultiInputPolicy: snapshots, probes, held-out target, TensorBoard table, report; PPO unchanged."""
+    plain = _dict_model(tmp_path / "plain")
+    plain.learn(3 * 32)
+    model = _dict_model(tmp_path)
+    validation = make_vec_env(lambda: ToyEnv(spaces.Discrete(3), obs="dict"), n_envs=1, seed=9)
+    cb = KeepTheta(target=ReturnTarget(source="validation"), validation_env=validation, probe_states=2)
+    model.learn(3 * 32, callback=cb, tb_log_name="PPO")
+    for k, v in plain.policy.state_dict().items():  # the callback changed nothing PPO did
+        assert torch.equal(v, model.policy.state_dict()[k]), k
+
+    run = rlattr.load_run(cb.run_dir)
+    rec = run.records(2)
+    assert isinstance(rec.observations, dict) and sorted(rec.observations) == ["k", "x"]
+    for key, value in cb.last_records.observations.items():
+        assert torch.equal(rec.observations[key], value), key
+    assert rec.observations["x"].shape == (32, 3) and rec.observations["k"].shape == (32, 1)
+    assert torch.equal(run.scores(2).scores, cb.last_scores.scores)
+
+    # the probes' log pi(a|s) at theta(k), against SB3's own evaluate_actions on the stored states
+    first = run.score_tensors(0)
+    probe_obs = {k: first[f"probe_observations/{k}"] for k in ("x", "k")}
+    assert first["probe_scores"].shape == (2, 32)
+    policy = model.policy.__class__(
+        model.observation_space, model.action_space, lambda _: 0.0, **model.policy_kwargs
+    )
+    policy.load_state_dict(run.theta(0))
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        _, logp, _ = policy.evaluate_actions(probe_obs, first["probe_actions"].flatten())
+    torch.testing.assert_close(first["probe_logp"], logp, rtol=1e-5, atol=1e-6)
+
+    acc = EventAccumulator(str(cb.run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("attr/top_bottom/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "x: [" in text and "k: [" in text
+    index = write_report(cb.run_dir)
+    assert "x: [" in index.read_text()

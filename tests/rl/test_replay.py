@@ -26,11 +26,11 @@ DISCRETE = spaces.Discrete(3)
 BOX = spaces.Box(-1.0, 1.0, (2,), np.float32)
 
 
-def tiny_ppo(space: spaces.Space, **kwargs) -> PPO:
-    env = DummyVecEnv([lambda: ToyEnv(space)] * 2)
+def tiny_ppo(space: spaces.Space, obs: str = "vector", **kwargs) -> PPO:
+    env = DummyVecEnv([lambda: ToyEnv(space, obs=obs)] * 2)
     settings = dict(n_steps=16, batch_size=10, n_epochs=3, seed=0, device="cpu", policy_kwargs=SMALL_NET)
     settings.update(kwargs)
-    return PPO("MlpPolicy", env, **settings)
+    return PPO("MultiInputPolicy" if obs == "dict" else "MlpPolicy", env, **settings)
 
 
 def recorded(space: spaces.Space, rounds: int = 2, **kwargs) -> tuple[PPO, RoundRecorder]:
@@ -46,8 +46,9 @@ def recorded(space: spaces.Space, rounds: int = 2, **kwargs) -> tuple[PPO, Round
         (DISCRETE, {"ent_coef": 0.01, "clip_range_vf": 0.3}),
         (BOX, {"learning_rate": lambda progress: 1e-3 * (0.5 + progress)}),
         (BOX, {"target_kl": 1e-4, "learning_rate": 3e-3}),
+        (DISCRETE, {"obs": "dict", "ent_coef": 0.01}),
     ],
-    ids=["discrete-adam-entropy-vfclip", "box-lr-schedule", "box-target-kl"],
+    ids=["discrete-adam-entropy-vfclip", "box-lr-schedule", "box-target-kl", "dict-obs"],
 )
 def test_replay_reproduces_sb3_theta_next(space: spaces.Space, kwargs: dict) -> None:
     model, recorder = recorded(space, **kwargs)

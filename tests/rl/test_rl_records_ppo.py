@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlattr.rl.ppo import PPOLossConfig, normalise_advantages, ppo_policy_loss
-from rlattr.rl.records import RecordBatch, format_id
+from rlattr.rl.records import RecordBatch, format_id, index_observations, num_observations
+from rlattr.rl.targets import ActionTarget
 
 
 def make_records(n_steps: int = 3, n_envs: int = 2, round_index: int = 4) -> RecordBatch:
@@ -87,3 +88,51 @@ def test_config_validates() -> None:
         PPOLossConfig(advantage_norm="global")
     with pytest.raises(ValueError, match="clip_range"):
         PPOLossConfig(clip_range=0.0)
+
+
+def _dict_records() -> RecordBatch:
+    n_steps, n_envs = 3, 2
+    code = torch.arange(n_steps * n_envs, dtype=torch.float32).reshape(n_steps, n_envs)
+    z = torch.zeros(n_steps, n_envs)
+    obs = {"pos": code[..., None].repeat(1, 1, 2), "img": code[..., None, None].expand(-1, -1, 2, 2).byte()}
+    return RecordBatch.from_rollout(
+        7,
+        observations=obs,
+        actions=code[..., None],
+        old_log_prob=z,
+        values=z,
+        rewards=z,
+        returns=z,
+        advantages=code,
+        episode_starts=z,
+    )
+
+
+def test_dict_observations_flatten_step_major_store_and_select() -> None:
+    rec = _dict_records()
+    assert rec.has_dict_observations and len(rec) == 6
+    for pos, (_, step, env) in enumerate(rec.id_list()):  # every key flattened like the actions
+        assert float(rec.observations["pos"][pos, 1]) == step * 2 + env == float(rec.actions[pos, 0])
+        assert int(rec.observations["img"][pos, 1, 1]) == step * 2 + env
+    stored = rec.to_tensors()
+    assert sorted(k for k in stored if k.startswith("observations")) == [
+        "observations/img",
+        "observations/pos",
+    ]
+    back = RecordBatch.from_tensors(stored)
+    assert all(torch.equal(back.observations[k], rec.observations[k]) for k in ("pos", "img"))
+    assert back.observations["img"].dtype == torch.uint8
+    sub = rec.select(torch.tensor([5, 2]))
+    assert sub.id_list() == [(7, 2, 1), (7, 1, 0)]
+    assert sub.observations["pos"][:, 0].tolist() == [5.0, 2.0]
+    assert index_observations(rec.observations, 3)["pos"].tolist() == [3.0, 3.0]
+    assert num_observations(rec.observations) == 6
+
+
+def test_dict_observations_with_a_short_key_are_refused() -> None:
+    stored = _dict_records().to_tensors()
+    stored["observations/img"] = stored["observations/img"][:4]
+    with pytest.raises(ValueError, match=r"observations\['img'\]: expected 6 records"):
+        RecordBatch.from_tensors(stored)
+    with pytest.raises(ValueError, match="same leading"):
+        ActionTarget({"a": torch.zeros(2, 1), "b": torch.zeros(3, 1)}, torch.zeros(2))
