@@ -40,7 +40,7 @@ class TrainConfig:
         total_timesteps: environment steps to train for.
         n_envs: parallel environments. vec_env: ``"dummy"`` or ``"subproc"``.
         env_kwargs: keyword arguments of ``gymnasium.make``.
-        policy: the SB3 policy name (``MlpPolicy``, ``CnnPolicy``).
+        policy: the SB3 policy name (``MlpPolicy``, ``CnnPolicy``, ``MultiInputPolicy``).
         ppo: keyword arguments of ``stable_baselines3.PPO``.
         callback: keyword arguments of ``InfluenceCallback``.
         runs_dir: the folder that holds the run folders.
