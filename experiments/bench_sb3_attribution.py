@@ -124,25 +124,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _provenance() -> dict[str, str]:
-    import subprocess
-
-    import stable_baselines3
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "git_commit": commit or "unknown",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "machine": platform.machine(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", nargs="+", default=list(ENVS))
@@ -168,7 +149,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_sb3_attribution.md").write_text(text + "\n")
-    record = {"args": vars(args), "provenance": _provenance(), "rows": rows}
+    from rlattr.rl.snapshots import versions
+
+    record = {"args": vars(args), "provenance": {**versions(), "machine": platform.machine()}, "rows": rows}
     (out / "bench_sb3_attribution.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

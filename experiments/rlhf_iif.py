@@ -40,8 +40,10 @@ from rlattr.callbacks.trl_toy import (  # noqa: E402
     pretrain_addition,
     tiny_gpt2,
 )
+from rlattr.core.store import save_json  # noqa: E402
 from rlattr.rl.efficiency import efficiency  # noqa: E402
 from rlattr.rl.filtering import NegBottom, RandomDrop  # noqa: E402
+from rlattr.rl.snapshots import versions  # noqa: E402
 
 ARMS = ("grpo", "iif", "random")
 MODEL = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32}
@@ -189,9 +191,10 @@ def main() -> None:
         "args": vars(args),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "pretrain": pre,
+        "provenance": versions(),
     }
     result["runs"] = runs
-    (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1))
+    save_json(Path(args.out) / "results.json", result)  # atomic
     write_report(result, args)
 
 
