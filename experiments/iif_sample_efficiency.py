@@ -338,6 +338,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.report_only:
             run_study(cfg, out, seeds, methods, args.workers)
         res = aggregate(cfg, out)
+        if res is None and args.report_only and (out / "results.json").is_file():
+            # results made before per-seed runs were kept in the repository: show them as stored
+            res = json.loads((out / "results.json").read_text())
+            commit = str(res.get("provenance", {}).get("git_commit", "unknown"))[:10]
+            print(f"[{cfg['name']}] no per-seed runs in {out / 'seed_runs'}: stored results.json ({commit})")
         if res is not None:
             collected.append(res)
             print((out / "table.md").read_text(), flush=True)

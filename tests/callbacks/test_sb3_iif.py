@@ -236,3 +236,15 @@ def test_experiment_smoke_writes_its_table(tmp_path: Path) -> None:
     mtime = (tmp_path / "frozenlake" / "seed_runs" / "ppo_seed0.json").stat().st_mtime
     study.main([*argv, "--rounds", "3", "--n-steps", "128", "--episodes", "4"])  # resumable: nothing reruns
     assert (tmp_path / "frozenlake" / "seed_runs" / "ppo_seed0.json").stat().st_mtime == mtime
+    # --report-only: from the runs; from a stored results.json when the runs are gone; else an error
+    report = [str(config), "--report-only", "--out", str(tmp_path), "--table", str(tmp_path / "r.md")]
+    study.main(report)
+    assert (tmp_path / "r.md").read_text() == table
+    for path in (tmp_path / "frozenlake" / "seed_runs").iterdir():
+        path.unlink()
+    (tmp_path / "r.md").unlink()
+    study.main(report)
+    assert (tmp_path / "r.md").read_text() == table
+    (tmp_path / "frozenlake" / "results.json").unlink()
+    with pytest.raises(SystemExit, match="no finished PPO run"):
+        study.main(report)
