@@ -19,7 +19,8 @@ For subclasses (e.g. IIF): override :meth:`InfluenceCallback._on_round_scored(re
 called after scoring and right before SB3's ``train()`` runs on ``self.rollout_buffer`` (still
 ``(n_steps, n_envs, ...)``, not yet flattened). ``records`` is the round's
 :class:`~rlattr.rl.records.RecordBatch` (record r = env ``r % n_envs`` at step ``r // n_envs``;
-``records.ids: Tensor[n, 3]``), ``scores`` its :class:`~rlattr.rl.attribution.RoundScores`
+``records.ids: Tensor[n, 3]``; ``records.observations`` is a tensor, or a dict of tensors for a
+Dict observation space with ``MultiInputPolicy``), ``scores`` its :class:`~rlattr.rl.attribution.RoundScores`
 (``scores.scores: Tensor[n]`` in the same order, ``scores.as_dict()`` keyed by id). The same are
 kept as ``self.last_records`` / ``self.last_scores``; ``self.round_scores()`` gives the dict,
 ``self.run_dir`` the run folder (or ``None``), ``self.history`` one summary dict per scored round.
