@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Union
 
 import torch
 from torch import Tensor
 
 RecordId = tuple[int, int, int]
-Observations = Union[Tensor, dict[str, Tensor]]  # noqa: UP007 (a runtime alias; py3.10 has no Tensor | dict)
+Observations = Tensor | dict[str, Tensor]
 """``Tensor[n, *obs_shape]`` or ``{key: Tensor[n, *shape_of_key]}``."""
 _FLOAT_FIELDS = ("old_log_prob", "values", "rewards", "returns", "advantages", "episode_starts")
 _OBS_KEY_SEP = "/"  # stored dict observations: "observations/<key>"
