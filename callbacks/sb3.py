@@ -53,7 +53,7 @@ from rlattr.callbacks.sb3_policy import (
 from rlattr.callbacks.sb3_validation import collect_validation
 from rlattr.rl.attribution import RoundScores, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
-from rlattr.rl.records import RecordBatch, RecordId, index_observations
+from rlattr.rl.records import RecordBatch, RecordId, flatten_observations, index_observations
 from rlattr.rl.snapshots import SnapshotWriter, run_metadata
 from rlattr.rl.targets import ActionTarget, TargetSpec, make_target
 
@@ -336,11 +336,7 @@ class InfluenceCallback(BaseCallback):
         theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
         extra = {k: v for k, v in self.last_probe.items() if k in ("probe_scores", "probe_logp")}
         if self.last_probe and not self.history:  # the probes themselves, once, with the first round
-            probe_obs = self.last_probe["probe_observations"]
-            if isinstance(probe_obs, dict):
-                extra.update({f"probe_observations/{k}": v for k, v in probe_obs.items()})
-            else:
-                extra["probe_observations"] = probe_obs
+            extra.update(flatten_observations("probe_observations", self.last_probe["probe_observations"]))
             extra["probe_actions"] = self.last_probe["probe_actions"]
         return self._snapshots.write_round(records, scores, theta, summary, extra)
 

@@ -32,13 +32,33 @@ def map_observations(fn: Callable[[Tensor], Tensor], obs: Observations) -> Obser
     return fn(obs)
 
 
+def _require_keys(obs: dict, name: str = "observations") -> None:
+    if not obs:
+        raise ValueError(f"{name}: a dict observation needs at least one key")
+
+
 def num_observations(obs: Observations) -> int:
     """The number of records (the leading dimension) of a tensor or dict observation."""
     if isinstance(obs, dict):
-        if not obs:
-            raise ValueError("observations: a dict observation needs at least one key")
+        _require_keys(obs)
         return int(next(iter(obs.values())).shape[0])
     return int(obs.shape[0])
+
+
+def flatten_observations(name: str, obs: Observations) -> dict[str, Tensor]:
+    """``{name: obs}`` for a tensor, ``{f"{name}/{key}": obs[key]}`` for a dict: storable tensors."""
+    if isinstance(obs, dict):
+        return {f"{name}{_OBS_KEY_SEP}{k}": v for k, v in obs.items()}
+    return {name: obs}
+
+
+def unflatten_observations(name: str, tensors: dict[str, Tensor]) -> Observations | None:
+    """Inverse of :func:`flatten_observations`; ``None`` if ``tensors`` hold neither form."""
+    if name in tensors:
+        return tensors[name]
+    prefix = name + _OBS_KEY_SEP
+    parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return parts or None
 
 
 def index_observations(obs: Observations, index: Tensor | Sequence[int] | int | slice) -> Observations:
@@ -50,8 +70,7 @@ def index_observations(obs: Observations, index: Tensor | Sequence[int] | int | 
 def as_observations(value: object, name: str = "observations") -> Observations:
     """Tensors (or a dict of them) from array-likes; a clear error for anything else."""
     if isinstance(value, dict):
-        if not value:
-            raise ValueError(f"{name}: a dict observation needs at least one key")
+        _require_keys(value, name)
         out = {str(k): torch.as_tensor(v) for k, v in value.items()}
         sizes = {k: v.shape[0] if v.dim() else None for k, v in out.items()}
         if len(set(sizes.values())) != 1 or None in sizes.values():
@@ -102,8 +121,7 @@ class RecordBatch:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "observations" and isinstance(value, dict):
-                if not value:
-                    raise ValueError("observations: a dict observation needs at least one key")
+                _require_keys(value)
                 for key, part in value.items():
                     if not isinstance(part, Tensor) or part.dim() == 0 or part.shape[0] != n:
                         what = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
@@ -193,21 +211,16 @@ class RecordBatch:
         are stored under ``"observations/<key>"``)."""
         out: dict[str, Tensor] = {}
         for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, dict):
-                out.update({f"{f.name}{_OBS_KEY_SEP}{k}": v for k, v in value.items()})
-            else:
-                out[f.name] = value
+            out.update(flatten_observations(f.name, getattr(self, f.name)))
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> RecordBatch:
         """Inverse of :meth:`to_tensors`."""
         values: dict[str, Observations] = dict(tensors)
-        prefix = "observations" + _OBS_KEY_SEP
-        obs_parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if obs_parts and "observations" not in tensors:
-            values["observations"] = obs_parts
+        obs = unflatten_observations("observations", tensors)
+        if obs is not None:
+            values["observations"] = obs
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in values]
         if missing:
