@@ -10,14 +10,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "InfluenceCallback": "rlattr.callbacks.sb3",
-    "IIFCallback": "rlattr.callbacks.sb3_iif",
-    "RoundRecorder": "rlattr.callbacks.sb3_replay",
-    "IIFGRPOTrainer": "rlattr.callbacks.trl",
-    "IIFRLOOTrainer": "rlattr.callbacks.trl",
-    "AttributionConfig": "rlattr.callbacks.trl",
-    "AttributionLogger": "rlattr.callbacks.trl",
-    "with_attribution": "rlattr.callbacks.trl",
+    "InfluenceCallback": "rlattr.callbacks.sb3.influence",
+    "IIFCallback": "rlattr.callbacks.sb3.iif",
+    "RoundRecorder": "rlattr.callbacks.sb3.replay",
+    "IIFGRPOTrainer": "rlattr.callbacks.trl.trainer",
+    "IIFRLOOTrainer": "rlattr.callbacks.trl.trainer",
+    "AttributionConfig": "rlattr.callbacks.trl.trainer",
+    "AttributionLogger": "rlattr.callbacks.trl.logs",
+    "with_attribution": "rlattr.callbacks.trl.trainer",
 }
 
 

@@ -39,7 +39,7 @@ def _one_run(env_id: str, seed: int, rounds: int, with_callback: bool, by_group:
     torch.set_num_threads(1)
     from stable_baselines3 import PPO
 
-    from rlattr.callbacks.sb3 import InfluenceCallback
+    from rlattr.callbacks.sb3.influence import InfluenceCallback
 
     model = PPO("MlpPolicy", env_id, n_steps=2048, batch_size=64, n_epochs=10, seed=seed, device="cpu")
     times: dict[str, list[float]] = {"collect": [], "train": [], "attr": []}

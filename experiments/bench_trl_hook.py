@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from rlattr.callbacks.trl import AttributionConfig, IIFGRPOTrainer  # noqa: E402
-from rlattr.callbacks.trl_toy import addition_closeness_reward, addition_pairs, char_tokenizer, tiny_gpt2  # noqa: E402
+from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer  # noqa: E402
+from rlattr.testing.tiny_lm import addition_closeness_reward, addition_pairs, char_tokenizer, tiny_gpt2  # noqa: E402
 
 SIZES = {
     "tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32},

@@ -21,7 +21,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from torch import nn
 
-from rlattr.callbacks.sb3_iif import IIFCallback
+from rlattr.callbacks.sb3.iif import IIFCallback
 
 METHODS = ("ppo", "iif", "random")
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}

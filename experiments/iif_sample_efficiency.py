@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from iif_envs import METHODS, OPTIMIZERS, run_one  # noqa: E402
 
-from rlattr.rl.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
+from rlattr.eval.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"name", "env_id", "rounds", "ppo", "optimizer", "policy", "iif", "eval"}

@@ -28,13 +28,10 @@ import yaml
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
-from rlattr.callbacks.sb3_replay import RoundRecorder
-from rlattr.core.metrics import spearman
-from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round
-from rlattr.rl.snapshots import versions
-from rlattr.rl.targets import ReturnTarget
-from rlattr.rl.validity import (
+from rlattr.callbacks.sb3.policy import SB3PolicyEval, tracked_param_names
+from rlattr.callbacks.sb3.replay import RoundRecorder
+from rlattr.eval.metrics import spearman
+from rlattr.eval.rl_validity import (
     SCORERS,
     RoundContext,
     intervention_thetas,
@@ -43,6 +40,9 @@ from rlattr.rl.validity import (
     params_loaded,
     retrain_targets,
 )
+from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round
+from rlattr.rl.snapshots import versions
+from rlattr.rl.targets import ReturnTarget
 
 sys.path.insert(0, str(Path(__file__).parent))
 from iif_envs import build_model, env_factory, evaluate  # noqa: E402
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         "stages": stages,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    from rlattr.diagnostics.validity import plot_validity
+    from rlattr.reporting.validity import plot_validity
 
     plot_validity(results, out)
     print(f"wrote {out / 'results.json'}")

@@ -6,7 +6,7 @@
    ``IIFGRPOTrainer`` dropping every negative-scored completion (p = 1, the paper's RLHF setting),
    and a random-drop baseline dropping as many completions as IIF would, chosen at random.
 3. Record the reward per step (TRL's own ``reward`` metric on the training prompts), wall-clock,
-   steps to a reward threshold, SE_ave / SE_peak / RT_peak (rlattr.rl.efficiency) and held-out
+   steps to a reward threshold, SE_ave / SE_peak / RT_peak (rlattr.eval.efficiency) and held-out
    accuracy; write JSON, a PNG of the reward curves (``rlhf_reward.png``) and a Markdown table
    (``rlhf_table.md``) into ``--out``, or into ``--doc-dir`` when given (``docs/results`` for the
    figures that docs/results/rlhf.md shows).
@@ -31,8 +31,12 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from rlattr.callbacks.trl import AttributionConfig, IIFGRPOTrainer  # noqa: E402
-from rlattr.callbacks.trl_toy import (  # noqa: E402
+from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer  # noqa: E402
+from rlattr.core.store import save_json  # noqa: E402
+from rlattr.eval.efficiency import efficiency  # noqa: E402
+from rlattr.rl.filtering import NegBottom, RandomDrop  # noqa: E402
+from rlattr.rl.snapshots import versions  # noqa: E402
+from rlattr.testing.tiny_lm import (  # noqa: E402
     addition_closeness_reward,
     addition_pairs,
     addition_reward,
@@ -40,10 +44,6 @@ from rlattr.callbacks.trl_toy import (  # noqa: E402
     pretrain_addition,
     tiny_gpt2,
 )
-from rlattr.core.store import save_json  # noqa: E402
-from rlattr.rl.efficiency import efficiency  # noqa: E402
-from rlattr.rl.filtering import NegBottom, RandomDrop  # noqa: E402
-from rlattr.rl.snapshots import versions  # noqa: E402
 
 ARMS = ("grpo", "iif", "random")
 MODEL = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32}

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlattr.core.groundtruth import leave_one_out, subset_masks, subset_retraining
 from rlattr.core.methods import (
     TRAK,
     GradCos,
@@ -46,9 +45,10 @@ from rlattr.core.methods import (
     RescaledInfluence,
     TracIn,
 )
-from rlattr.core.metrics import lds, loo_correlation
 from rlattr.core.store import load_json, save_json
-from rlattr.core.supervised import (
+from rlattr.eval.groundtruth import leave_one_out, subset_masks, subset_retraining
+from rlattr.eval.metrics import lds, loo_correlation
+from rlattr.testing.supervised import (
     ce_of_logits,
     classification_task,
     load_digits_split,

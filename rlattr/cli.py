@@ -8,31 +8,20 @@ from collections.abc import Sequence
 
 
 def _cmd_demo_digits(args: argparse.Namespace) -> int:
-    from rlattr.demo_digits import run
+    from rlattr.demos.digits import run
 
     run(out_dir=args.out, n_queries=args.queries, top_k=args.top_k, seed=args.seed)
     return 0
 
 
-PPO_DEMO = {
-    "env_id": "CartPole-v1",
-    "exp_name": "demo",
-    "seed": 0,
-    "total_timesteps": 20_480,
-    "ppo": {"n_steps": 2048, "batch_size": 64, "n_epochs": 10, "verbose": 0},
-    "callback": {"target": "return", "probe_states": 4, "image_every": 2},
-    "torch_threads": 1,
-}
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rlattr.train_config import load_config
+    from rlattr.callbacks.sb3.config import load_config
 
     overrides = {"runs_dir": args.runs_dir} if args.runs_dir else {}
     if args.seed is not None:
         overrides["seed"] = args.seed
     config = load_config(args.config, overrides)
-    from rlattr.callbacks.sb3_train import train
+    from rlattr.callbacks.sb3.train import train
 
     run_dir = train(config, progress_bar=not args.no_progress)
     print(f"run folder: {run_dir}\n  tensorboard --logdir {run_dir}\n  rlattr report {run_dir}")
@@ -40,7 +29,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from rlattr.diagnostics.report import write_report
+    from rlattr.reporting.report import write_report
 
     index = write_report(args.run, args.out, recent=args.recent, top_k=args.top_k)
     print(f"report: {index}")
@@ -48,19 +37,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_ppo(args: argparse.Namespace) -> int:
-    from rlattr.diagnostics.report import write_report
-    from rlattr.train_config import config_from_dict
+    from rlattr.demos.cartpole import run
 
-    config = config_from_dict({**PPO_DEMO, "runs_dir": args.out, "total_timesteps": args.timesteps}, "demo")
-    from rlattr.callbacks.sb3_train import train
-
-    print(f"[rlattr demo] PPO on CartPole-v1 for {args.timesteps} steps, every round scored (return target)")
-    run_dir = train(config, progress_bar=not args.no_progress)
-    index = write_report(run_dir)
-    print(
-        f"\n[rlattr demo] done.\n  report:      {index}\n  tensorboard: tensorboard --logdir {run_dir}"
-        f"  (attr/ tags)\n  snapshots:   {run_dir / 'rlattr'}  (python: rlattr.load_run('{run_dir}'))"
-    )
+    run(args.out, args.timesteps, progress_bar=not args.no_progress)
     return 0
 
 
@@ -79,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits.set_defaults(func=_cmd_demo_digits)
     demo = sub.add_parser("demo", help="PPO on CartPole-v1 with InfluenceCallback, then the report")
     demo.add_argument("--out", default="demo_out/ppo", help="folder that receives the run folder")
-    demo.add_argument("--timesteps", type=int, default=PPO_DEMO["total_timesteps"])
+    demo.add_argument("--timesteps", type=int, default=20_480)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo_ppo)
     train = sub.add_parser("train", help="PPO + InfluenceCallback from a YAML config")
@@ -100,12 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from rlattr.core.store import StoreError
-    from rlattr.train_config import ConfigError
+    from rlattr.errors import RlattrError
 
     try:
         return int(args.func(args))
-    except (ConfigError, StoreError, FileExistsError, FileNotFoundError) as err:
+    except RlattrError as err:
         parser.exit(2, f"rlattr {args.command}: error: {err}\n")
 
 

@@ -24,6 +24,7 @@ from torch.func import grad, jacrev, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from rlattr.core.task import Batch, Params, Task
+from rlattr.errors import RlattrError
 
 GradMethod = Literal["auto", "vmap", "loop"]
 GRAD_METHODS = ("auto", "vmap", "loop")
@@ -33,15 +34,15 @@ def batch_size(batch: Batch) -> int:
     """Number of records in ``batch``: the shared leading dimension of its tensor leaves."""
     leaves = [x for x in tree_flatten(batch)[0] if isinstance(x, Tensor)]
     if not leaves:
-        raise ValueError("batch: expected a pytree holding at least one tensor, got none")
+        raise RlattrError("batch: expected a pytree holding at least one tensor, got none")
     sizes = {x.shape[0] if x.dim() else -1 for x in leaves}
     if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(
+        raise RlattrError(
             f"batch: tensor leaves must share a leading record dimension, got sizes {sorted(sizes)}"
         )
     n = sizes.pop()
     if n == 0:
-        raise ValueError("batch: empty (0 records)")
+        raise RlattrError("batch: empty (0 records)")
     return n
 
 
@@ -51,7 +52,7 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
 
 def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
     if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+        raise RlattrError(f"chunk_size: must be >= 1, got {chunk_size}")
     for start in range(0, n, chunk_size):
         yield start, min(start + chunk_size, n)
 
@@ -59,7 +60,7 @@ def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
 def _check_loss(out: Tensor, n: int) -> None:
     if not isinstance(out, Tensor) or out.shape != (n,):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
+        raise RlattrError(
             f"loss: expected one value per record, shape ({n},), got {shape}; "
             "the Task's loss must return Tensor[n] (no reduction)"
         )
@@ -81,7 +82,7 @@ def _resolve_params(task: Task, params: Params | None) -> Params:
         return task.tracked_params()
     missing = [n for n in task.tracked_names if n not in params]
     if missing:
-        raise ValueError(f"params: missing tracked parameter(s) {missing}")
+        raise RlattrError(f"params: missing tracked parameter(s) {missing}")
     return {n: params[n].detach() for n in task.tracked_names}
 
 
@@ -118,7 +119,7 @@ def iter_per_record_grads(
     the first chunk, warns once and uses the autograd loop for the rest.
     """
     if method not in GRAD_METHODS:
-        raise ValueError(f"method: got {method!r}; supported: {GRAD_METHODS}")
+        raise RlattrError(f"method: got {method!r}; supported: {GRAD_METHODS}")
     p = _resolve_params(task, params)
     n = batch_size(batch)
     use = method
@@ -173,7 +174,7 @@ def target_grads(task: Task, batch: Batch, *, params: Params | None = None) -> d
     def f(q: Params) -> Tensor:
         out = target(q, batch)
         if out.dim() > 1:
-            raise ValueError(f"target: expected a scalar or Tensor[m], got shape {tuple(out.shape)}")
+            raise RlattrError(f"target: expected a scalar or Tensor[m], got shape {tuple(out.shape)}")
         return out.reshape(-1)
 
     g = jacrev(f)(p)
@@ -222,7 +223,7 @@ def directional_scores(
     missing = [k for k in task.tracked_names if k not in direction]
     bad = [k for k in task.tracked_names if k in direction and direction[k].shape != p[k].shape]
     if missing or bad:
-        raise ValueError(f"direction: missing tracked parameter(s) {missing}, wrong shape for {bad}")
+        raise RlattrError(f"direction: missing tracked parameter(s) {missing}, wrong shape for {bad}")
     n = batch_size(batch)
     groups = task.group_names if by_group else ["*"]
     members = {g: [k for k in task.tracked_names if not by_group or task.group_of[k] == g] for g in groups}

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rlattr.errors import RlattrError
+
 ProjectionKind = Literal["gaussian", "rademacher", "sparse"]
 PROJECTION_KINDS = ("gaussian", "rademacher", "sparse")
 _SEED_STRIDE = 1_000_003
@@ -45,13 +47,13 @@ class RandomProjection:
         cache_bytes: int = 256 * 2**20,
     ) -> None:
         if dim_in < 1 or dim_out < 1:
-            raise ValueError(f"dim_in, dim_out: must be >= 1, got {dim_in}, {dim_out}")
+            raise RlattrError(f"dim_in, dim_out: must be >= 1, got {dim_in}, {dim_out}")
         if kind not in PROJECTION_KINDS:
-            raise ValueError(f"kind: got {kind!r}; supported: {PROJECTION_KINDS}")
+            raise RlattrError(f"kind: got {kind!r}; supported: {PROJECTION_KINDS}")
         if not 0.0 < density <= 1.0:
-            raise ValueError(f"density: must be in (0, 1], got {density}")
+            raise RlattrError(f"density: must be in (0, 1], got {density}")
         if block_rows < 1:
-            raise ValueError(f"block_rows: must be >= 1, got {block_rows}")
+            raise RlattrError(f"block_rows: must be >= 1, got {block_rows}")
         self.dim_in, self.dim_out, self.kind, self.seed = dim_in, dim_out, kind, int(seed)
         self.density, self.block_rows = density, block_rows
         self._cache: dict[int, Tensor] | None = {} if dim_in * dim_out * 4 <= cache_bytes else None
@@ -86,7 +88,7 @@ class RandomProjection:
     def project(self, x: Tensor) -> Tensor:
         """``x @ P``: ``Tensor[n, d] -> Tensor[n, k]``, in x's dtype and device."""
         if x.dim() != 2 or x.shape[1] != self.dim_in:
-            raise ValueError(f"x: expected shape (n, {self.dim_in}), got {tuple(x.shape)}")
+            raise RlattrError(f"x: expected shape (n, {self.dim_in}), got {tuple(x.shape)}")
         out = torch.zeros(x.shape[0], self.dim_out, dtype=x.dtype, device=x.device)
         for b in range(self.num_blocks):
             lo = b * self.block_rows

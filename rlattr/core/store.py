@@ -22,12 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from rlattr.errors import StoreError
+
 FORMAT_VERSION = 1
 _META_KEY = "rlattr"
-
-
-class StoreError(RuntimeError):
-    """A file that is missing, corrupt, or written by a newer rlattr."""
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from rlattr.errors import RlattrError
+
 Params = dict[str, Tensor]
 Batch = Any  # a pytree (dict / tuple / list) of tensors sharing the leading record dimension
 LossFn = Callable[[Params, Batch], Tensor]
@@ -78,7 +80,7 @@ class Task:
         if self.target is not None and not callable(self.target):
             raise TypeError(f"target: expected a callable (params, batch) -> Tensor, got {self.target!r}")
         if self.target_goal not in TARGET_GOALS:
-            raise ValueError(f"target_goal: got {self.target_goal!r}; supported: {TARGET_GOALS}")
+            raise RlattrError(f"target_goal: got {self.target_goal!r}; supported: {TARGET_GOALS}")
         self.tracked_names = self._resolve_params()
         self.group_of = self._resolve_groups()
 
@@ -96,17 +98,17 @@ class Task:
             unknown = [n for n in sel if n not in named]
             if unknown:
                 shown = ", ".join(list(named)[:8]) + (" ..." if len(named) > 8 else "")
-                raise ValueError(f"params: unknown parameter name(s) {unknown}; the model has: {shown}")
+                raise RlattrError(f"params: unknown parameter name(s) {unknown}; the model has: {shown}")
             names = [n for n in named if n in set(sel)]
         if not names:
-            raise ValueError(f"params: selector {sel!r} matches no parameter of the model")
+            raise RlattrError(f"params: selector {sel!r} matches no parameter of the model")
         return names
 
     def _resolve_groups(self) -> dict[str, str]:
         spec = self.groups
         if isinstance(spec, str):
             if spec not in _GROUPERS:
-                raise ValueError(
+                raise RlattrError(
                     f"groups: got {spec!r}; supported: {sorted(_GROUPERS)}, a mapping or a callable"
                 )
             fn = _GROUPERS[spec]
@@ -114,7 +116,7 @@ class Task:
         if isinstance(spec, Mapping):
             missing = [n for n in self.tracked_names if n not in spec]
             if missing:
-                raise ValueError(f"groups: no group label for tracked parameter(s) {missing}")
+                raise RlattrError(f"groups: no group label for tracked parameter(s) {missing}")
             return {n: str(spec[n]) for n in self.tracked_names}
         if callable(spec):
             return {n: str(spec(n)) for n in self.tracked_names}
@@ -141,5 +143,5 @@ class Task:
 
     def require_target(self) -> TargetFn:
         if self.target is None:
-            raise ValueError("target: this Task has no target; pass target=(params, batch) -> Tensor")
+            raise RlattrError("target: this Task has no target; pass target=(params, batch) -> Tensor")
         return self.target

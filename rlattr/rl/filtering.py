@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlattr.errors import RlattrError
+
 
 @dataclass
 class FilterResult:
@@ -48,9 +50,9 @@ class FilterResult:
 def _check_scores(scores: Tensor) -> Tensor:
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"scores: expected a non-empty Tensor[n], got {shape}")
+        raise RlattrError(f"scores: expected a non-empty Tensor[n], got {shape}")
     if not torch.isfinite(scores).all():
-        raise ValueError("scores: contains NaN or inf; refusing to filter on them")
+        raise RlattrError("scores: contains NaN or inf; refusing to filter on them")
     return scores.detach().double().cpu()
 
 
@@ -67,7 +69,7 @@ class SelectionRule(ABC):
 
     def __init__(self, *, min_keep: int = 1) -> None:
         if not isinstance(min_keep, int) or min_keep < 1:
-            raise ValueError(f"min_keep: must be an int >= 1, got {min_keep!r}")
+            raise RlattrError(f"min_keep: must be an int >= 1, got {min_keep!r}")
         self.min_keep = min_keep
 
     @abstractmethod
@@ -92,7 +94,7 @@ class SelectionRule(ABC):
 
 def _fraction(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name}: must be a fraction in [0, 1], got {value!r}")
+        raise RlattrError(f"{name}: must be a fraction in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -151,7 +153,7 @@ class Threshold(SelectionRule):
     def __init__(self, t: float, *, min_keep: int = 1) -> None:
         super().__init__(min_keep=min_keep)
         if not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ValueError(f"t: must be a finite number, got {t!r}")
+            raise RlattrError(f"t: must be a finite number, got {t!r}")
         self.t = float(t)
 
     def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
@@ -169,7 +171,7 @@ class TopK(SelectionRule):
     def __init__(self, k: int, *, min_keep: int = 1) -> None:
         super().__init__(min_keep=min_keep)
         if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: must be an int >= 1, got {k!r}")
+            raise RlattrError(f"k: must be an int >= 1, got {k!r}")
         self.k = k
 
     def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
@@ -193,7 +195,7 @@ class RandomDrop(SelectionRule):
     ) -> None:
         super().__init__(min_keep=min_keep)
         if (shadow is None) == (q is None):
-            raise ValueError("RandomDrop: give exactly one of shadow (a SelectionRule) or q (a fraction)")
+            raise RlattrError("RandomDrop: give exactly one of shadow (a SelectionRule) or q (a fraction)")
         if shadow is not None and not isinstance(shadow, SelectionRule):
             raise TypeError(f"shadow: expected a SelectionRule, got {type(shadow).__name__}")
         self.shadow = shadow
@@ -235,7 +237,7 @@ def make_rule(name: str, **kwargs: Any) -> SelectionRule:
     named rule.
     """
     if name not in RULES:
-        raise ValueError(f"drop: got {name!r}; supported: {sorted(RULES)}")
+        raise RlattrError(f"drop: got {name!r}; supported: {sorted(RULES)}")
     if name == "random" and "like" in kwargs:
         like = kwargs.pop("like")
         seed = kwargs.pop("seed", 0)
@@ -244,4 +246,4 @@ def make_rule(name: str, **kwargs: Any) -> SelectionRule:
     try:
         return RULES[name](**kwargs)
     except TypeError as err:
-        raise ValueError(f"drop={name!r}: bad arguments {kwargs} ({err})") from err
+        raise RlattrError(f"drop={name!r}: bad arguments {kwargs} ({err})") from err

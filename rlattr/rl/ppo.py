@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from rlattr.core.task import Batch, LossFn, Params
+from rlattr.errors import RlattrError
 
 ADVANTAGE_NORMS = ("buffer", "minibatch", "none")
 SB3_ADV_EPS = 1e-8
@@ -82,9 +83,9 @@ class PPOLossConfig:
 
     def __post_init__(self) -> None:
         if self.advantage_norm not in ADVANTAGE_NORMS:
-            raise ValueError(f"advantage_norm: got {self.advantage_norm!r}; supported: {ADVANTAGE_NORMS}")
+            raise RlattrError(f"advantage_norm: got {self.advantage_norm!r}; supported: {ADVANTAGE_NORMS}")
         if not self.clip_range > 0:
-            raise ValueError(f"clip_range: must be > 0, got {self.clip_range!r}")
+            raise RlattrError(f"clip_range: must be > 0, got {self.clip_range!r}")
         for name in ("ent_coef", "vf_coef"):
             if not isinstance(getattr(self, name), (int, float)):
                 raise TypeError(f"{name}: expected a number, got {getattr(self, name)!r}")
@@ -108,14 +109,14 @@ def normalise_advantages(advantages: Tensor, mode: str, minibatch_of: Tensor | N
         minibatch_of: ``Tensor[n]`` int, the minibatch label of every record (``"minibatch"`` only).
     """
     if mode not in ADVANTAGE_NORMS:
-        raise ValueError(f"mode: got {mode!r}; supported: {ADVANTAGE_NORMS}")
+        raise RlattrError(f"mode: got {mode!r}; supported: {ADVANTAGE_NORMS}")
     if mode == "none":
         return advantages.clone()
     if mode == "buffer":
         return _standardise(advantages)
     if minibatch_of is None or minibatch_of.shape != advantages.shape:
         got = None if minibatch_of is None else tuple(minibatch_of.shape)
-        raise ValueError(
+        raise RlattrError(
             f"minibatch_of: mode 'minibatch' needs Tensor[{advantages.shape[0]}] labels, got {got}"
         )
     out = torch.empty_like(advantages)
@@ -151,7 +152,7 @@ def ppo_record_loss(policy_eval: PolicyEval, config: PPOLossConfig) -> LossFn:
             total = total - config.ent_coef * entropy
         if config.include_value_loss:
             if out.values is None:
-                raise ValueError(
+                raise RlattrError(
                     "policy_eval: include_value_loss needs values, but the evaluator returned None"
                 )
             returns = batch["returns"].to(dtype=out.values.dtype, device=out.values.device)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from rlattr.errors import MissingError, RlattrError
+
 RecordId = tuple[int, int, int]
 Observations = Tensor | dict[str, Tensor]
 """``Tensor[n, *obs_shape]`` or ``{key: Tensor[n, *shape_of_key]}``."""
@@ -34,7 +36,7 @@ def map_observations(fn: Callable[[Tensor], Tensor], obs: Observations) -> Obser
 
 def _require_keys(obs: dict, name: str = "observations") -> None:
     if not obs:
-        raise ValueError(f"{name}: a dict observation needs at least one key")
+        raise RlattrError(f"{name}: a dict observation needs at least one key")
 
 
 def num_observations(obs: Observations) -> int:
@@ -74,7 +76,7 @@ def as_observations(value: object, name: str = "observations") -> Observations:
         out = {str(k): torch.as_tensor(v) for k, v in value.items()}
         sizes = {k: v.shape[0] if v.dim() else None for k, v in out.items()}
         if len(set(sizes.values())) != 1 or None in sizes.values():
-            raise ValueError(f"{name}: every key needs the same leading (record) dimension, got {sizes}")
+            raise RlattrError(f"{name}: every key needs the same leading (record) dimension, got {sizes}")
         return out
     try:
         return torch.as_tensor(value)
@@ -115,9 +117,9 @@ class RecordBatch:
         n = self.ids.shape[0] if isinstance(self.ids, Tensor) else -1
         if not isinstance(self.ids, Tensor) or self.ids.dim() != 2 or self.ids.shape[1] != 3:
             got = tuple(self.ids.shape) if isinstance(self.ids, Tensor) else type(self.ids).__name__
-            raise ValueError(f"ids: expected Tensor[n, 3] of (round, step, env), got {got}")
+            raise RlattrError(f"ids: expected Tensor[n, 3] of (round, step, env), got {got}")
         if n == 0:
-            raise ValueError("ids: empty RecordBatch (0 records); a round must hold at least one record")
+            raise RlattrError("ids: empty RecordBatch (0 records); a round must hold at least one record")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "observations" and isinstance(value, dict):
@@ -125,18 +127,18 @@ class RecordBatch:
                 for key, part in value.items():
                     if not isinstance(part, Tensor) or part.dim() == 0 or part.shape[0] != n:
                         what = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
-                        raise ValueError(
+                        raise RlattrError(
                             f"observations[{key!r}]: expected {n} records (leading dimension), got {what}"
                         )
                 continue
             if not isinstance(value, Tensor):
                 raise TypeError(f"{f.name}: expected a torch.Tensor, got {type(value).__name__}")
             if value.shape[0] != n:
-                raise ValueError(
+                raise RlattrError(
                     f"{f.name}: expected {n} records (leading dimension), got {tuple(value.shape)}"
                 )
             if f.name in _FLOAT_FIELDS and value.dim() != 1:
-                raise ValueError(f"{f.name}: expected Tensor[n], got shape {tuple(value.shape)}")
+                raise RlattrError(f"{f.name}: expected Tensor[n], got shape {tuple(value.shape)}")
         self.ids = self.ids.to(torch.int64)
 
     @classmethod
@@ -161,7 +163,7 @@ class RecordBatch:
         lead = actions if isinstance(observations, dict) else observations
         if lead.dim() < 2:
             name = "actions" if isinstance(observations, dict) else "observations"
-            raise ValueError(f"{name}: expected (n_steps, n_envs, ...), got shape {tuple(lead.shape)}")
+            raise RlattrError(f"{name}: expected (n_steps, n_envs, ...), got shape {tuple(lead.shape)}")
         n_steps, n_envs = lead.shape[:2]
         steps = torch.arange(n_steps).repeat_interleave(n_envs)
         envs = torch.arange(n_envs).repeat(n_steps)
@@ -169,7 +171,7 @@ class RecordBatch:
 
         def flat(x: Tensor, name: str) -> Tensor:
             if tuple(x.shape[:2]) != (n_steps, n_envs):
-                raise ValueError(
+                raise RlattrError(
                     f"{name}: expected leading shape ({n_steps}, {n_envs}), got {tuple(x.shape)}"
                 )
             return x.reshape(n_steps * n_envs, *x.shape[2:])
@@ -224,7 +226,7 @@ class RecordBatch:
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in values]
         if missing:
-            raise ValueError(f"tensors: missing RecordBatch field(s) {missing}")
+            raise RlattrError(f"tensors: missing RecordBatch field(s) {missing}")
         return cls(**{n: values[n] for n in names})  # type: ignore[arg-type]
 
     def select(self, index: Tensor | Sequence[int]) -> RecordBatch:
@@ -246,7 +248,7 @@ class RecordBatch:
         for rid in ids:
             key = tuple(int(x) for x in rid)
             if key not in lookup:
-                raise KeyError(f"ids: no record with id (round, step, env) = {key}")
+                raise MissingError(f"ids: no record with id (round, step, env) = {key}")
             out.append(lookup[key])
         return torch.tensor(out, dtype=torch.int64)
 

@@ -23,7 +23,7 @@ using the advantages *as that minibatch normalised them*, and f the target (rais
 the round's Task (:func:`rlattr.rl.attribution.build_round_task`): one reverse pass for grad f and
 one forward-mode JVP over the minibatch per step.
 
-:func:`retrain_subset` re-runs the round from theta(k) on a subset of the records with the same
+``rlattr.eval.rl_validity.retrain_subset`` re-runs the round from theta(k) on a subset of the records with the same
 hyperparameters and a seeded minibatch order (fewer records: fewer steps, as a compacted buffer).
 """
 
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from rlattr.core.grads import directional_scores, target_grads
 from rlattr.core.task import Params
+from rlattr.errors import RlattrError
 from rlattr.rl.attribution import build_round_task
 from rlattr.rl.ppo import SB3_ADV_EPS, PolicyEval, PPOLossConfig
 from rlattr.rl.records import RecordBatch, index_observations
@@ -73,12 +74,12 @@ class RoundHyperparameters:
         for name in ("n_epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+                raise RlattrError(f"{name}: expected an integer >= 1, got {value!r}")
         if not float(self.learning_rate) >= 0:
-            raise ValueError(f"learning_rate: expected a number >= 0, got {self.learning_rate!r}")
+            raise RlattrError(f"learning_rate: expected a number >= 0, got {self.learning_rate!r}")
         for name in ("clip_range", "max_grad_norm"):
             if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)!r}")
+                raise RlattrError(f"{name}: expected a number > 0, got {getattr(self, name)!r}")
 
     def loss_config(self) -> PPOLossConfig:
         """The per-record (actor) loss settings of this round, for scoring."""
@@ -117,10 +118,10 @@ class RoundSnapshot:
     def __post_init__(self) -> None:
         n = len(self.records)
         if len(self.permutations) < 1:
-            raise ValueError("permutations: expected at least one epoch's permutation, got none")
+            raise RlattrError("permutations: expected at least one epoch's permutation, got none")
         for e, perm in enumerate(self.permutations):
             if perm.shape != (n,) or not torch.equal(perm.sort().values, torch.arange(n)):
-                raise ValueError(f"permutations: entry {e} is not a permutation of the {n} record positions")
+                raise RlattrError(f"permutations: entry {e} is not a permutation of the {n} record positions")
 
 
 @dataclass
@@ -137,7 +138,7 @@ class ReplayResult:
 def seeded_permutations(n: int, n_epochs: int, seed: int) -> list[Tensor]:
     """``n_epochs`` permutations ``Tensor[n]`` drawn from ``numpy.random.RandomState(seed)``."""
     if n < 1 or n_epochs < 1:
-        raise ValueError(f"n, n_epochs: need n >= 1 and n_epochs >= 1, got {n}, {n_epochs}")
+        raise RlattrError(f"n, n_epochs: need n >= 1 and n_epochs >= 1, got {n}, {n_epochs}")
     rng = np.random.RandomState(int(seed))
     return [torch.from_numpy(rng.permutation(n).astype(np.int64)) for _ in range(n_epochs)]
 
@@ -167,7 +168,7 @@ def _minibatch_loss(
     """``(loss, approx_kl, norm_advantages: Tensor[B])`` of one minibatch, as ``PPO.train``."""
     out = policy_eval(params, mb["observations"], mb["actions"])
     if out.values is None:
-        raise ValueError("policy_eval: replay needs values (the value loss is part of the update)")
+        raise RlattrError("policy_eval: replay needs values (the value loss is part of the update)")
     values, log_prob = out.values.flatten(), out.log_prob
     adv = mb["advantages"]
     if hyper.normalize_advantage and len(adv) > 1:
@@ -237,7 +238,7 @@ def _check_replay_inputs(model: nn.Module, snapshot: RoundSnapshot) -> list[str]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in snapshot.theta]
     if missing:
-        raise ValueError(f"snapshot.theta: missing trainable parameter(s) {missing} of the model")
+        raise RlattrError(f"snapshot.theta: missing trainable parameter(s) {missing} of the model")
     return names
 
 
@@ -296,32 +297,11 @@ def replay_round(
     return ReplayResult(theta, n_updates, stopped, tracin.scores if tracin is not None else None)
 
 
-def retrain_subset(
-    model: nn.Module, policy_eval: PolicyEval, snapshot: RoundSnapshot, keep: Tensor, seed: int
-) -> dict[str, Tensor]:
-    """theta after re-running the round from theta(k) on the records where ``keep`` (bool
-    ``Tensor[n]``) is set, with the round's hyperparameters and ``seeded_permutations(.., seed)``."""
-    n = len(snapshot.records)
-    keep = torch.as_tensor(keep)
-    if keep.dtype != torch.bool or keep.shape != (n,):
-        raise ValueError(f"keep: expected a bool Tensor[{n}], got {keep.dtype} {tuple(keep.shape)}")
-    m = int(keep.sum())
-    if m < 1:
-        raise ValueError("keep: the subset is empty; keep at least one record")
-    sub = replace(
-        snapshot,
-        records=snapshot.records.select(keep),
-        permutations=seeded_permutations(m, snapshot.hyper.n_epochs, seed),
-        theta_next=None,
-    )
-    return replay_round(model, policy_eval, sub).theta
-
-
 def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """Largest absolute difference between two parameter dicts over their shared names."""
     shared = [k for k in a if k in b]
     if not shared:
-        raise ValueError("a, b: the parameter dicts share no name")
+        raise RlattrError("a, b: the parameter dicts share no name")
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in shared)
 
 
@@ -331,6 +311,5 @@ __all__ = [
     "RoundSnapshot",
     "max_abs_diff",
     "replay_round",
-    "retrain_subset",
     "seeded_permutations",
 ]

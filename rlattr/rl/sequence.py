@@ -34,6 +34,7 @@ from torch.func import functional_call
 
 from rlattr.core.grads import directional_scores, group_dots, per_record_grads, target_grads
 from rlattr.core.task import GroupSpec, Params, ParamSelector, Task
+from rlattr.errors import RlattrError
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo")
 LOSS_TYPES = (*GRPO_LOSS_TYPES, "rloo")
@@ -67,19 +68,19 @@ class SequenceLossConfig:
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: got {self.loss_type!r}; supported: {LOSS_TYPES}")
+            raise RlattrError(f"loss_type: got {self.loss_type!r}; supported: {LOSS_TYPES}")
         if self.importance_sampling_level not in IS_LEVELS:
-            raise ValueError(
+            raise RlattrError(
                 f"importance_sampling_level: got {self.importance_sampling_level!r}; supported: {IS_LEVELS}"
             )
         for name in ("epsilon_low", "epsilon_high", "beta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+                raise RlattrError(f"{name}: must be a finite number >= 0, got {value!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature!r}")
+            raise RlattrError(f"temperature: must be > 0, got {self.temperature!r}")
         if self.loss_type == "rloo" and (self.beta != 0 or self.importance_sampling_level != "token"):
-            raise ValueError(
+            raise RlattrError(
                 "loss_type='rloo': RLOO puts the KL into the reward and uses sequence ratios; "
                 f"beta must be 0 and importance_sampling_level 'token', got {self.beta}, "
                 f"{self.importance_sampling_level!r}"
@@ -111,7 +112,7 @@ def pair_scales(
     Returns: ``scale``: ``Tensor[n]`` (float32).
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: got {loss_type!r}; supported: {LOSS_TYPES}")
+        raise RlattrError(f"loss_type: got {loss_type!r}; supported: {LOSS_TYPES}")
     for name, value in (
         ("micro_batch_size", micro_batch_size),
         ("grad_accum_steps", grad_accum_steps),
@@ -119,7 +120,7 @@ def pair_scales(
         ("num_processes", num_processes),
     ):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+            raise RlattrError(f"{name}: must be an int >= 1, got {value!r}")
     mask = loss_mask.float()
     n = mask.shape[0]
     ga, procs = float(grad_accum_steps), float(num_processes)
@@ -131,11 +132,11 @@ def pair_scales(
         return ones / (per_micro * ga * procs)
     if loss_type == "dr_grpo":
         if not max_completion_length:
-            raise ValueError("max_completion_length: dr_grpo normalises by it; got None")
+            raise RlattrError("max_completion_length: dr_grpo normalises by it; got None")
         return ones / (micro_batch_size * max_completion_length * ga * procs)
     if loss_type in ("dapo", "cispo"):
         if num_items_in_batch is None:
-            raise ValueError(f"num_items_in_batch: {loss_type} normalises by it; got None")
+            raise RlattrError(f"num_items_in_batch: {loss_type} normalises by it; got None")
         items = torch.as_tensor(num_items_in_batch, dtype=torch.float32).clamp(min=1.0).item()
         return ones * (steps_per_generation / (items * ga))
     return ones / (micro_batch_size * ga * procs)  # luspo, rloo: a mean over the micro-batch's rows
@@ -282,7 +283,7 @@ def pair_scores(task: Task, batch: dict[str, Tensor], direction: Params, *, meth
     warns before falling back to the loop.
     """
     if method not in SCORE_METHODS:
-        raise ValueError(f"method: got {method!r}; supported: {SCORE_METHODS}")
+        raise RlattrError(f"method: got {method!r}; supported: {SCORE_METHODS}")
     sign = task.target_sign()  # (+ 0.0 below turns -0.0 into 0.0: a zero score is not negative)
     if method == "loop":
         return sign * _loop_scores(task, batch, direction) + 0.0

@@ -21,7 +21,8 @@ from typing import Any
 
 from torch import Tensor
 
-from rlattr.core.store import StoreError, load_json, load_tensors, save_json, save_tensors
+from rlattr.core.store import load_json, load_tensors, save_json, save_tensors
+from rlattr.errors import MissingError, RunExistsError, StoreError
 from rlattr.rl.attribution import RoundScores
 from rlattr.rl.records import RecordBatch
 
@@ -77,7 +78,7 @@ class SnapshotWriter:
     ) -> None:
         self.root = Path(root)
         if (self.root / "run.json").exists():
-            raise FileExistsError(
+            raise RunExistsError(
                 f"root: {str(self.root)!r} already holds an rlattr run; use a new run folder"
             )
         self.root.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ class AttributionRun:
 
     def _folder(self, k: int) -> Path:
         if k not in self.rounds:
-            raise KeyError(f"round: {k} was not scored in this run; scored rounds: {self.rounds[:10]}...")
+            raise MissingError(f"round: {k} was not scored in this run; scored rounds: {self.rounds[:10]}...")
         return self.root / f"round_{k:05d}"
 
     def scores(self, k: int) -> RoundScores:
@@ -173,13 +174,13 @@ class AttributionRun:
     def records(self, k: int) -> RecordBatch:
         path = self._folder(k) / "records.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"round: the records of round {k} were pruned by the retention policy")
+            raise MissingError(f"round: the records of round {k} were pruned by the retention policy")
         return RecordBatch.from_tensors(load_tensors(path)[0])
 
     def theta(self, k: int) -> dict[str, Tensor]:
         path = self._folder(k) / "theta.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"round: theta of round {k} was pruned by the retention policy")
+            raise MissingError(f"round: theta of round {k} was pruned by the retention policy")
         return load_tensors(path)[0]
 
     @property

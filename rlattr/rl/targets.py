@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from rlattr.core.task import Batch, Params, TargetFn
+from rlattr.errors import RlattrError
 from rlattr.rl.ppo import PolicyEval
 from rlattr.rl.records import Observations, RecordBatch, as_observations, num_observations
 
@@ -62,7 +63,7 @@ class ReturnTarget(TargetSpec):
 
     def __init__(self, source: str = "buffer") -> None:
         if source not in RETURN_SOURCES:
-            raise ValueError(f"source: got {source!r}; supported: {RETURN_SOURCES}")
+            raise RlattrError(f"source: got {source!r}; supported: {RETURN_SOURCES}")
         self.source = source
 
     def build(
@@ -70,7 +71,7 @@ class ReturnTarget(TargetSpec):
     ) -> tuple[TargetFn, Batch]:
         data = records if self.source == "buffer" else validation
         if data is None:
-            raise ValueError("validation: ReturnTarget(source='validation') needs a validation RecordBatch")
+            raise RlattrError("validation: ReturnTarget(source='validation') needs a validation RecordBatch")
         batch = {
             "observations": data.observations,
             "actions": data.actions,
@@ -101,12 +102,12 @@ class ActionTarget(TargetSpec):
 
     def __init__(self, observations: Observations, actions: Tensor, reduce: str = "mean") -> None:
         if reduce not in ACTION_REDUCTIONS:
-            raise ValueError(f"reduce: got {reduce!r}; supported: {ACTION_REDUCTIONS}")
+            raise RlattrError(f"reduce: got {reduce!r}; supported: {ACTION_REDUCTIONS}")
         obs, act = as_observations(observations), torch.as_tensor(actions)
         m = num_observations(obs) if isinstance(obs, dict) or obs.dim() else 0
         if act.dim() == 0 or m != act.shape[0] or m == 0:
             n_act = act.shape[0] if act.dim() else 0
-            raise ValueError(
+            raise RlattrError(
                 f"observations/actions: need the same non-zero number of pairs, got {m} and {n_act}"
             )
         if act.dim() == 1:
@@ -149,7 +150,7 @@ class CustomTarget(TargetSpec):
         if not callable(fn):
             raise TypeError(f"fn: expected a callable (policy_eval, params, batch) -> Tensor, got {fn!r}")
         if goal not in ("raise", "lower"):
-            raise ValueError(f"goal: got {goal!r}; supported: ('raise', 'lower')")
+            raise RlattrError(f"goal: got {goal!r}; supported: ('raise', 'lower')")
         self.fn, self.batch, self.goal, self.name = fn, batch, goal, name
 
     def build(
@@ -167,10 +168,10 @@ def make_target(target: str | TargetSpec, **kwargs: Any) -> TargetSpec:
     """A TargetSpec from a name in :data:`TARGETS` (with its keyword arguments) or a spec itself."""
     if isinstance(target, TargetSpec):
         if kwargs:
-            raise ValueError(f"target: extra arguments {sorted(kwargs)} given with a TargetSpec instance")
+            raise RlattrError(f"target: extra arguments {sorted(kwargs)} given with a TargetSpec instance")
         return target
     if not isinstance(target, str) or target not in TARGETS:
-        raise ValueError(f"target: got {target!r}; supported: {sorted(TARGETS)} or a TargetSpec instance")
+        raise RlattrError(f"target: got {target!r}; supported: {sorted(TARGETS)} or a TargetSpec instance")
     return TARGETS[target](**kwargs)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rlattr.core.supervised import classification_task, load_digits_split, make_model, train_classifier
 from rlattr.core.task import Task
+from rlattr.testing.supervised import classification_task, load_digits_split, make_model, train_classifier
 
 FEATURES = [10, 13, 20, 26, 34, 42, 43, 53]  # pixels with spread in the digits images
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from rlattr.core.methods import InfluenceFunction, self_influence
 from rlattr.core.methods.hessian import ObjectiveHessian
-from rlattr.core.supervised import ce_of_logits, classification_task, per_record_logits
+from rlattr.testing.supervised import ce_of_logits, classification_task, per_record_logits
 from tests.core._tda import logreg_closed_form, logreg_problem, mlp_problem
 
 
@@ -159,8 +159,8 @@ def test_bad_arguments_are_named(lr):
 
 
 def test_self_influence_flags_flipped_labels():
-    from rlattr.core.metrics import mislabel_auc
-    from rlattr.core.supervised import load_digits_split, make_model, train_classifier
+    from rlattr.eval.metrics import mislabel_auc
+    from rlattr.testing.supervised import load_digits_split, make_model, train_classifier
     from tests.core._tda import FEATURES
 
     data = load_digits_split(400, seed=1, dtype=torch.float64)
@@ -176,8 +176,8 @@ def test_self_influence_flags_flipped_labels():
 def test_target_sign_convention(lr):
     # a target to lower (mean query loss) and its negative to raise give the same scores, equal to
     # the mean over query records of the per-record (no target) scores
-    from rlattr.core.supervised import per_record_ce
     from rlattr.core.task import Task
+    from rlattr.testing.supervised import per_record_ce
 
     ce = per_record_ce(lr.model)
     lower = Task(lr.model, ce, target=lambda p, b: ce(p, b).mean(), target_goal="lower")

@@ -11,7 +11,7 @@ import torch
 
 from rlattr.core.methods import InfluenceFunction, NewtonStep, RescaledInfluence
 from rlattr.core.methods.hessian import ParamLayout
-from rlattr.core.supervised import ce_of_logits, per_record_logits, train_classifier
+from rlattr.testing.supervised import ce_of_logits, per_record_logits, train_classifier
 from tests.core._tda import logreg_closed_form, logreg_problem
 
 

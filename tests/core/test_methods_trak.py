@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlattr.core.methods import TRAK, TracIn
-from rlattr.core.supervised import margin_weight, per_record_margin
+from rlattr.testing.supervised import margin_weight, per_record_margin
 from tests.core._tda import logreg_closed_form, logreg_problem
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from rlattr.core import RandomProjection
 from rlattr.core.methods import GradCos, GradDot
-from rlattr.core.supervised import classification_task
+from rlattr.testing.supervised import classification_task
 
 
 def _setup() -> tuple[nn.Module, dict, dict]:

@@ -14,12 +14,13 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from rlattr.callbacks.sb3_iif import IIFCallback
-from rlattr.callbacks.sb3_policy import SB3PolicyEval, tracked_param_names
-from rlattr.callbacks.sb3_replay import RoundRecorder, sb3_permutations
-from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round, retrain_subset, seeded_permutations
+from rlattr.callbacks.sb3.iif import IIFCallback
+from rlattr.callbacks.sb3.policy import SB3PolicyEval, tracked_param_names
+from rlattr.callbacks.sb3.replay import RoundRecorder, sb3_permutations
+from rlattr.eval.rl_validity import retrain_subset
+from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round, seeded_permutations
 from rlattr.rl.targets import ReturnTarget
-from tests.callbacks.envs import SMALL_NET, ToyEnv
+from tests.callbacks.sb3.envs import SMALL_NET, ToyEnv
 
 torch.set_num_threads(1)
 DISCRETE = spaces.Discrete(3)

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 from rlattr.core.grads import flatten, iter_per_record_grads, target_grads
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Params, Task
+from rlattr.errors import RlattrError
 
 
 def query_grads(task: Task, query: Batch, *, params: Params | None = None, chunk_size: int = 128) -> Tensor:
@@ -59,12 +60,12 @@ def check_query(query: Batch, expected: tuple[object, list[object]] | None) -> N
         return
     spec, leaves = batch_signature(query)
     if spec != expected[0]:
-        raise ValueError(
+        raise RlattrError(
             f"query: expected a batch structured like the training records ({expected[0]}), got {spec}"
         )
     for j, (got, want) in enumerate(zip(leaves, expected[1], strict=False)):
         if got is not None and want is not None and got[0] != want[0]:  # type: ignore[index]
-            raise ValueError(
+            raise RlattrError(
                 f"query: leaf {j} has per-record shape {got[0]}, but the training records have {want[0]}"  # type: ignore[index]
             )
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from rlattr.core.grads import _resolve_params, batch_size, flatten, iter_per_record_grads, slice_batch
 from rlattr.core.methods.hessian import ParamLayout
 from rlattr.core.task import Batch, Params, Task
+from rlattr.errors import RlattrError
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _layer_blocks(task: Task) -> list[_Block]:
             isinstance(mod, nn.Conv2d) and mod.groups == 1 and isinstance(mod.padding, tuple)
         )
         if not ok or pname not in ("weight", "bias"):
-            raise ValueError(
+            raise RlattrError(
                 f"strategy: 'ekfac' supports nn.Linear and nn.Conv2d (groups=1, numeric padding) layers; "
                 f"tracked parameter {name!r} belongs to {type(mod).__name__}: track only such layers"
             )
@@ -63,7 +64,7 @@ def _layer_blocks(task: Task) -> list[_Block]:
             blk.bias = name
     for mod_name, blk in blocks.items():
         if not blk.weight:
-            raise ValueError(
+            raise RlattrError(
                 f"strategy: 'ekfac' needs the weight of layer {mod_name!r} tracked with its bias"
             )
     return list(blocks.values())
@@ -111,7 +112,7 @@ def _kronecker_factors(
             for h in handles:
                 h.remove()
         if len(seen) != len(blocks):
-            raise ValueError(
+            raise RlattrError(
                 "strategy: 'ekfac' could not see every tracked layer run in the loss (each once)"
             )
         outs = torch.autograd.grad(total, [seen[j][1] for j in range(len(blocks))], allow_unused=True)
@@ -144,7 +145,7 @@ class EKFACSolver:
         chunk_size: int = 256,
     ) -> None:
         if shift < 0:
-            raise ValueError(f"damping: l2 + damping must be >= 0, got {shift}")
+            raise RlattrError(f"damping: l2 + damping must be >= 0, got {shift}")
         self.task, self.shift = task, float(shift)
         self.blocks = _layer_blocks(task)
         self.layout = ParamLayout(task.tracked_params(), task.tracked_names)
@@ -163,7 +164,7 @@ class EKFACSolver:
                 rot = blk.q_s.T @ self._block_matrix(flat, blk) @ blk.q_a
                 blk.lam += rot.pow(2).sum(0) / n
         if self.shift == 0 and any(bool((b.lam <= 0).any()) for b in self.blocks):
-            raise ValueError("damping: the EK-FAC curvature is singular; pass l2= or a damping > 0")
+            raise RlattrError("damping: the EK-FAC curvature is singular; pass l2= or a damping > 0")
 
     def _block_matrix(self, flat: Tensor, blk: _Block) -> Tensor:
         """``Tensor[k, d] -> Tensor[k, out, in']``: a layer's weight (and bias as the last column)."""

@@ -1,6 +1,6 @@
 """The Hessian of a Task's training objective, and inverse-Hessian solvers over it.
 
-The objective is the *mean* per-record loss plus an L2 term, as :mod:`rlattr.core.supervised`
+The objective is the *mean* per-record loss plus an L2 term, as :mod:`rlattr.testing.supervised`
 trains it:
 
     F(theta) = (1 / N) sum_i l_i(theta) + (l2 / 2) ||theta||^2,   H = (1 / N) sum_i hess l_i + l2 I.
@@ -25,6 +25,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from rlattr.core.grads import _resolve_params, batch_size, slice_batch
 from rlattr.core.task import Batch, Params, Task
+from rlattr.errors import RlattrError
 
 
 class ParamLayout:
@@ -76,10 +77,10 @@ class ObjectiveHessian:
         output_loss: Callable[[Tensor, Batch], Tensor] | None = None,
     ) -> None:
         if (output is None) != (output_loss is None):
-            raise ValueError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
+            raise RlattrError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
         self.output, self.output_loss = output, output_loss
         if shift < 0 or not math.isfinite(shift):
-            raise ValueError(f"damping: l2 + damping must be a finite number >= 0, got {shift}")
+            raise RlattrError(f"damping: l2 + damping must be a finite number >= 0, got {shift}")
         self.task, self.batch, self.shift = task, batch, float(shift)
         p = _resolve_params(task, params)
         self.layout = ParamLayout(p, task.tracked_names)
@@ -171,7 +172,7 @@ class ExplicitSolver:
         scale = float(torch.diagonal(h).abs().max())
         if diag is None or float(diag.min()) ** 2 <= rtol * max(scale, 1e-300):
             low = float(torch.linalg.eigvalsh(h)[0])
-            raise ValueError(
+            raise RlattrError(
                 f"damping: the Hessian plus l2 + damping ({hessian.shift:g}) is singular or not positive "
                 f"definite (smallest eigenvalue {low:.3g}); pass l2= (the objective's L2) or a damping > 0"
             )
@@ -187,7 +188,7 @@ class CGSolver:
 
     def __init__(self, hessian: ObjectiveHessian, *, max_iter: int = 200, tol: float = 1e-8) -> None:
         if max_iter < 1:
-            raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
+            raise RlattrError(f"max_iter: must be >= 1, got {max_iter}")
         self.h, self.max_iter, self.tol = hessian, max_iter, tol
         self.iterations = 0
 
@@ -205,7 +206,7 @@ class CGSolver:
             curv = (p * hp).sum(0)
             active = rs > stop
             if bool((curv[active] <= 0).any()):
-                raise ValueError(
+                raise RlattrError(
                     "damping: conjugate gradient met non-positive curvature (the Hessian plus l2 + damping "
                     f"= {self.h.shift:g} is not positive definite); increase damping"
                 )
@@ -238,11 +239,11 @@ class LiSSASolver:
         seed: int = 0,
     ) -> None:
         if depth < 1 or repeats < 1:
-            raise ValueError(f"depth, repeats: must be >= 1, got {depth}, {repeats}")
+            raise RlattrError(f"depth, repeats: must be >= 1, got {depth}, {repeats}")
         if scale is not None and scale <= 0:
-            raise ValueError(f"scale: must be > 0, got {scale}")
+            raise RlattrError(f"scale: must be > 0, got {scale}")
         if batch_size is not None and not 1 <= batch_size <= hessian.n:
-            raise ValueError(f"batch_size: must be in [1, {hessian.n}], got {batch_size}")
+            raise RlattrError(f"batch_size: must be in [1, {hessian.n}], got {batch_size}")
         self.h, self.depth, self.batch_size, self.repeats, self.seed = (
             hessian,
             depth,

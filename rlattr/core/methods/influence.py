@@ -26,6 +26,7 @@ from rlattr.core.methods.base import Attributor, check_query, query_grads
 from rlattr.core.methods.ekfac import EKFACSolver
 from rlattr.core.methods.hessian import SOLVERS, ObjectiveHessian
 from rlattr.core.task import Batch, Task
+from rlattr.errors import RlattrError
 
 
 def _hessian_solver(
@@ -76,10 +77,10 @@ def build_solver(
 ) -> Any:
     """An inverse-Hessian solver (``.solve(B: Tensor[d, k]) -> Tensor[d, k]``) for ``strategy``."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
+        raise RlattrError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
     for name, value in (("l2", l2), ("damping", damping)):
         if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name}: must be a number >= 0, got {value!r}")
+            raise RlattrError(f"{name}: must be a number >= 0, got {value!r}")
     builder, cls = STRATEGIES[strategy]
     allowed = [
         p
@@ -88,7 +89,7 @@ def build_solver(
     ]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"options: {unknown} not understood by strategy {strategy!r}; it takes {allowed}")
+        raise RlattrError(f"options: {unknown} not understood by strategy {strategy!r}; it takes {allowed}")
     curvature = {"output": output, "output_loss": output_loss}
     return builder(task, batch, float(l2) + float(damping), chunk_size, strategy, curvature, **options)
 
@@ -125,10 +126,10 @@ class InfluenceFunction(Attributor):
     ) -> None:
         super().__init__(task, chunk_size=chunk_size)
         if (output is None) != (output_loss is None):
-            raise ValueError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
+            raise RlattrError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
         self.output, self.output_loss = output, output_loss
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
+            raise RlattrError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
         self.strategy, self.l2, self.damping = strategy, l2, damping
         self.hessian_data, self.options = hessian_data, options
         self.solver: Any = None
@@ -158,7 +159,7 @@ class InfluenceFunction(Attributor):
         train = self._require_cache()
         q = vectors[0]
         if q.dim() != 2 or q.shape[1] != train.shape[1]:
-            raise ValueError(
+            raise RlattrError(
                 f"query: expected gradients of shape (m, {train.shape[1]}), got {tuple(q.shape)}"
             )
         solved = self.solver.solve(q.T.to(train.dtype)).T

@@ -34,6 +34,7 @@ from rlattr.core.methods.base import Attributor, check_query, query_grads
 from rlattr.core.methods.hessian import ObjectiveHessian, ParamLayout
 from rlattr.core.methods.influence import InfluenceFunction
 from rlattr.core.task import Batch, Params, Task
+from rlattr.errors import RlattrError
 
 OutputFn = Callable[[Params, Batch], Tensor]
 OutputLossFn = Callable[[Tensor, Batch], Tensor]
@@ -126,7 +127,7 @@ class RescaledInfluence(InfluenceFunction):
             levs.append(lev)
         self.leverage = torch.cat(levs)
         if bool((self.leverage >= 1).any()):
-            raise ValueError(
+            raise RlattrError(
                 "damping: some records have leverage >= 1 (their removal makes the Hessian singular); "
                 "increase damping"
             )
@@ -137,7 +138,7 @@ class RescaledInfluence(InfluenceFunction):
         train = self._require_cache()
         q = vectors[0]
         if q.dim() != 2 or q.shape[1] != train.shape[1]:
-            raise ValueError(
+            raise RlattrError(
                 f"query: expected gradients of shape (m, {train.shape[1]}), got {tuple(q.shape)}"
             )
         return q.to(train.dtype) @ train.T
@@ -155,7 +156,7 @@ class NewtonStep(Attributor):
     def __init__(self, task: Task, *, l2: float = 0.0, damping: float = 0.0, chunk_size: int = 128) -> None:
         super().__init__(task, chunk_size=chunk_size)
         if l2 < 0 or damping < 0:
-            raise ValueError(f"l2, damping: must be >= 0, got {l2}, {damping}")
+            raise RlattrError(f"l2, damping: must be >= 0, got {l2}, {damping}")
         self.shift = float(l2 + damping)
         self._batch: Batch | None = None
         self._hessian: Tensor | None = None
@@ -171,10 +172,10 @@ class NewtonStep(Attributor):
         idx = torch.as_tensor(remove)
         if idx.dtype == torch.bool:
             if idx.shape != (n,):
-                raise ValueError(f"remove: a boolean mask must have shape ({n},), got {tuple(idx.shape)}")
+                raise RlattrError(f"remove: a boolean mask must have shape ({n},), got {tuple(idx.shape)}")
             idx = idx.nonzero().reshape(-1)
         if idx.numel() == 0 or idx.min() < 0 or idx.max() >= n:
-            raise ValueError(
+            raise RlattrError(
                 f"remove: expected a non-empty set of record indices in [0, {n}), got {remove!r}"
             )
         return idx

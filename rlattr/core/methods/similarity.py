@@ -11,6 +11,7 @@ from torch import Tensor
 from rlattr.core.methods.base import Attributor, query_grads
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Task
+from rlattr.errors import RlattrError
 
 
 class GradDot(Attributor):
@@ -29,7 +30,7 @@ class GradDot(Attributor):
     ) -> None:
         super().__init__(task, chunk_size=chunk_size)
         if projector is not None and projector.dim_in != task.num_params:
-            raise ValueError(
+            raise RlattrError(
                 f"projector: dim_in is {projector.dim_in}, but the task tracks {task.num_params} parameters"
             )
         self.projector = projector

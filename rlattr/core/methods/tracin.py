@@ -16,13 +16,14 @@ from rlattr.core.grads import flatten, iter_per_record_grads
 from rlattr.core.methods.base import Attributor, batch_signature, check_query, query_grads
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Params, Task
+from rlattr.errors import RlattrError
 
 
 def _check_checkpoints(task: Task, checkpoints: Sequence[Params], lrs: Sequence[float]) -> None:
     if len(checkpoints) == 0:
-        raise ValueError("checkpoints: expected at least one dict of tracked parameters, got none")
+        raise RlattrError("checkpoints: expected at least one dict of tracked parameters, got none")
     if len(lrs) != len(checkpoints):
-        raise ValueError(
+        raise RlattrError(
             f"lrs: expected one learning rate per checkpoint ({len(checkpoints)}), got {len(lrs)}"
         )
     shapes = task.tracked_params()
@@ -30,7 +31,7 @@ def _check_checkpoints(task: Task, checkpoints: Sequence[Params], lrs: Sequence[
         missing = [n for n in task.tracked_names if n not in ckpt]
         bad = [n for n in task.tracked_names if n in ckpt and ckpt[n].shape != shapes[n].shape]
         if missing or bad:
-            raise ValueError(
+            raise RlattrError(
                 f"checkpoints[{c}]: missing tracked parameter(s) {missing}, wrong shape for {bad}"
             )
 
@@ -63,7 +64,7 @@ class TracIn(Attributor):
         self.lrs = [float(x) for x in lrs] if lrs is not None else [1.0] * len(self.checkpoints)
         _check_checkpoints(task, self.checkpoints, self.lrs)
         if projector is not None and projector.dim_in != task.num_params:
-            raise ValueError(
+            raise RlattrError(
                 f"projector: dim_in is {projector.dim_in}, but the task tracks {task.num_params} parameters"
             )
         self.projector = projector

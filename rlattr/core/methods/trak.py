@@ -25,6 +25,7 @@ from rlattr.core.methods.base import Attributor, batch_signature, check_query, q
 from rlattr.core.methods.tracin import _check_checkpoints
 from rlattr.core.projection import ProjectionKind, RandomProjection
 from rlattr.core.task import Batch, Params, Task
+from rlattr.errors import RlattrError
 
 OutputFn = Callable[[Params, Batch], Tensor]
 
@@ -62,11 +63,11 @@ class TRAK(Attributor):
         self.models = [{k: v.detach().clone() for k, v in m.items()} for m in members]
         _check_checkpoints(task, self.models, [1.0] * len(self.models))
         if proj_dim is not None and proj_dim < 1:
-            raise ValueError(f"proj_dim: must be >= 1 or None, got {proj_dim}")
+            raise RlattrError(f"proj_dim: must be >= 1 or None, got {proj_dim}")
         if not damping >= 0:
-            raise ValueError(f"damping: must be >= 0, got {damping}")
+            raise RlattrError(f"damping: must be >= 0, got {damping}")
         if output_weight is not None and output is None:
-            raise ValueError("output_weight: given without output; pass output= too")
+            raise RlattrError("output_weight: given without output; pass output= too")
         self.damping, self.output, self.output_weight = damping, output, output_weight
         d = task.num_params
         self.projectors = [

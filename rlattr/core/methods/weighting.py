@@ -24,6 +24,7 @@ from torch import Tensor
 
 from rlattr.core.methods.base import Attributor
 from rlattr.core.task import Batch
+from rlattr.errors import RlattrError
 
 
 def topk_objective(contrib: Tensor, weights: Tensor, top_k: int, reg: float) -> Tensor:
@@ -58,9 +59,9 @@ class LearnedWeights(Attributor):
             raise TypeError(f"base: expected an Attributor, got {type(base).__name__}")
         super().__init__(base.task, chunk_size=base.chunk_size)
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k: must be >= 1, got {top_k}")
+            raise RlattrError(f"top_k: must be >= 1, got {top_k}")
         if reg < 0 or steps < 0 or lr <= 0:
-            raise ValueError(f"reg, steps, lr: need reg >= 0, steps >= 0, lr > 0; got {reg}, {steps}, {lr}")
+            raise RlattrError(f"reg, steps, lr: need reg >= 0, steps >= 0, lr > 0; got {reg}, {steps}, {lr}")
         self.base, self.top_k, self.reg, self.steps, self.lr = base, top_k, reg, steps, lr
         self.weights = torch.ones(len(self.task.group_names))
         self.history: list[float] = []
@@ -83,7 +84,7 @@ class LearnedWeights(Attributor):
         n, g = contrib.shape[1], contrib.shape[2]
         k = self.top_k if self.top_k is not None else max(1, math.ceil(0.01 * n))
         if k > n:
-            raise ValueError(f"top_k: {k} exceeds the {n} training records")
+            raise RlattrError(f"top_k: {k} exceeds the {n} training records")
         logits = torch.zeros(g, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.Adam([logits], lr=self.lr)
         self.history = []

@@ -1,0 +1,270 @@
+"""IIFCallback: iterative influence-based filtering (Algorithm 1 of Hu et al. 2025) for SB3 PPO.
+
+Usage::
+
+    model = PPO("MlpPolicy", "LunarLander-v3")
+    model.learn(300_000, callback=IIFCallback(drop="neg-bottom", p=0.125))
+
+Every round, :class:`~rlattr.callbacks.sb3.InfluenceCallback` scores the fresh buffer against the
+return target at theta(k); then this callback picks the kept records with a
+:mod:`rlattr.rl.filtering` rule and *compacts* SB3's rollout buffer to them: every per-record array
+becomes ``(n_kept, 1, ...)`` with ``buffer_size = n_kept`` and ``n_envs = 1``. SB3's own ``train()``
+then runs on the kept records alone, with its usual epochs, minibatches (fewer of them: that is where
+IIF saves time) and per-minibatch advantage normalisation. Zeroing the advantages of dropped records
+would not be a filter: the normalisation turns the zeros into non-zero values.
+
+The buffer gets its shape back in ``_on_rollout_start`` (SB3 calls ``reset()`` just before it, on
+the compacted shape; the callback resets again on the original one) and in ``_on_training_end``, so
+later rounds, a second ``learn()`` and ``save``/``load`` see the buffer PPO built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+
+from rlattr.callbacks.sb3.influence import InfluenceCallback
+from rlattr.errors import RlattrError
+from rlattr.rl.attribution import RoundScores
+from rlattr.rl.filtering import RULES, FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
+from rlattr.rl.records import RecordBatch
+
+# Arrays that ``RolloutBuffer.get`` flattens env-major (``swap_and_flatten``) on first use.
+_FLATTENED_BY_GET = ("observations", "actions", "values", "log_probs", "advantages", "returns")
+_SCALAR_PER_RECORD = ("values", "log_probs", "advantages", "returns")
+DROP_CHOICES = ("neg-bottom", "random", *[n for n in RULES if n not in ("neg-bottom", "random")])
+
+
+@dataclass(frozen=True)
+class BufferShape:
+    """The shape a rollout buffer had before compaction."""
+
+    buffer_size: int
+    n_envs: int
+
+
+def _step_major(buffer: RolloutBuffer, name: str, arr: np.ndarray) -> np.ndarray:
+    """``arr`` as ``(buffer_size * n_envs, ...)`` in step-major order (record r = step r // n_envs)."""
+    n_steps, n_envs = buffer.buffer_size, buffer.n_envs
+    if arr.shape[:2] == (n_steps, n_envs):
+        return arr.reshape(n_steps * n_envs, *arr.shape[2:])
+    if buffer.generator_ready and name in _FLATTENED_BY_GET and arr.shape[0] == n_steps * n_envs:
+        env_major = arr.reshape(n_envs, n_steps, *arr.shape[1:])
+        flat = env_major.swapaxes(0, 1).reshape(n_steps * n_envs, *arr.shape[1:])
+        # swap_and_flatten gives (n_steps, n_envs) arrays a trailing axis of 1; drop it again.
+        return flat.reshape(-1) if name in _SCALAR_PER_RECORD else flat
+    raise RlattrError(
+        f"rollout_buffer.{name}: expected shape ({n_steps}, {n_envs}, ...), got {arr.shape}; "
+        "was the buffer modified by another callback?"
+    )
+
+
+def _per_record_arrays(buffer: RolloutBuffer) -> list[str]:
+    """Names of the buffer's per-record arrays (the standard ones and any a subclass adds)."""
+    n_steps, n_envs = buffer.buffer_size, buffer.n_envs
+    names = []
+    for name, value in vars(buffer).items():
+        arrays = value.values() if isinstance(value, dict) else [value]
+        if all(isinstance(a, np.ndarray) for a in arrays) and arrays:
+            if all(a.shape[:2] == (n_steps, n_envs) or name in _FLATTENED_BY_GET for a in arrays):
+                names.append(name)
+    return names
+
+
+def compact_rollout_buffer(buffer: RolloutBuffer, keep: np.ndarray) -> BufferShape:
+    """Shrink ``buffer`` to the kept records, in place; returns the shape to restore later.
+
+    Args:
+        buffer: a full SB3 ``RolloutBuffer`` or ``DictRolloutBuffer``.
+        keep: ``bool[buffer_size * n_envs]`` in step-major record order (record r is env
+            ``r % n_envs`` at step ``r // n_envs``, the order of :class:`RecordBatch`).
+
+    After the call every per-record array is ``(n_kept, 1, ...)`` in record order,
+    ``buffer_size = pos = n_kept``, ``n_envs = 1``, ``full = True`` and ``generator_ready = False``.
+    """
+    if not isinstance(buffer, (RolloutBuffer, DictRolloutBuffer)):
+        raise TypeError(f"buffer: expected an SB3 RolloutBuffer, got {type(buffer).__name__}")
+    if not buffer.full:
+        raise RlattrError("buffer: the rollout buffer is not full; compact it after collect_rollouts")
+    n = buffer.buffer_size * buffer.n_envs
+    mask = np.asarray(keep)
+    if mask.dtype != np.bool_ or mask.shape != (n,):
+        raise RlattrError(f"keep: expected a bool array of shape ({n},), got {mask.dtype} {mask.shape}")
+    n_kept = int(mask.sum())
+    if n_kept == 0:
+        raise RlattrError("keep: keeps no record; SB3's train() needs at least one")
+    shape = BufferShape(buffer.buffer_size, buffer.n_envs)
+    compacted: dict[str, Any] = {}
+    for name in _per_record_arrays(buffer):
+        value = getattr(buffer, name)
+        if isinstance(value, dict):
+            compacted[name] = {k: _take(buffer, f"{name}[{k!r}]", v, mask) for k, v in value.items()}
+        else:
+            compacted[name] = _take(buffer, name, value, mask)
+    for name, value in compacted.items():
+        setattr(buffer, name, value)
+    buffer.buffer_size, buffer.n_envs, buffer.pos = n_kept, 1, n_kept
+    buffer.full, buffer.generator_ready = True, False
+    return shape
+
+
+def _take(buffer: RolloutBuffer, name: str, arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    flat = _step_major(buffer, name.split("[")[0], arr)
+    kept = flat[mask]
+    return np.ascontiguousarray(kept.reshape(kept.shape[0], 1, *kept.shape[1:]))
+
+
+def restore_rollout_buffer(buffer: RolloutBuffer, shape: BufferShape) -> None:
+    """Give ``buffer`` its original ``(buffer_size, n_envs)`` back and reset it (empty, zeroed)."""
+    buffer.buffer_size, buffer.n_envs = shape.buffer_size, shape.n_envs
+    buffer.reset()
+
+
+def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh)
+    os.replace(tmp, path)
+
+
+class IIFCallback(InfluenceCallback):
+    """Score every round against the return target and train PPO on the kept records only.
+
+    Args:
+        drop: the selection rule: ``"neg-bottom"`` (the paper's; drop the most negative ``p``
+            fraction of the negative records), ``"random"`` (the baseline: drop as many records as
+            ``neg-bottom`` with this ``p`` would, chosen at random), ``"bottom-fraction"``,
+            ``"threshold"``, ``"top-k"``, or a :class:`~rlattr.rl.filtering.SelectionRule`.
+        p: the fraction for ``neg-bottom`` and ``random`` (paper: 0.5 FrozenLake/Acrobot/Highway,
+            0.125 MiniGrid/LunarLander, 0.0625 BipedalWalker).
+        min_keep: never keep fewer records than this (default: the model's ``batch_size``, one
+            minibatch); when the rule would, the best-scored ``min_keep`` are kept.
+        seed: seed of the ``random`` rule's own generator (the global RNG is never touched).
+        rule_kwargs: arguments of the other named rules (``q``, ``t``, ``k``).
+        save_dropped: write each round's dropped ids to ``<run_dir>/rlattr/iif/round_XXXXX.json``
+            when the callback has a run folder.
+        **influence_kwargs: passed to :class:`~rlattr.callbacks.sb3.InfluenceCallback`
+            (``target`` defaults to ``"return"``, ``snapshot_every`` to 10).
+
+    Attributes:
+        filter_history: one dict per filtered round: round, n_records, n_kept, kept_fraction,
+            threshold, note, dropped_ids (``[[round, step, env], ...]``).
+    """
+
+    def __init__(
+        self,
+        drop: str | SelectionRule = "neg-bottom",
+        p: float = 0.125,
+        *,
+        min_keep: int | None = None,
+        seed: int = 0,
+        rule_kwargs: dict[str, Any] | None = None,
+        save_dropped: bool = True,
+        **influence_kwargs: Any,
+    ) -> None:
+        influence_kwargs.setdefault("target", "return")
+        influence_kwargs.setdefault("snapshot_every", 10)
+        super().__init__(**influence_kwargs)
+        if not isinstance(drop, SelectionRule) and drop not in DROP_CHOICES:
+            raise RlattrError(f"drop: got {drop!r}; supported: {list(DROP_CHOICES)} or a SelectionRule")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise RlattrError(f"p: must be a fraction in [0, 1], got {p!r}")
+        if min_keep is not None and (
+            not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1
+        ):
+            raise RlattrError(f"min_keep: expected an int >= 1 or None (one minibatch), got {min_keep!r}")
+        self.drop, self.p, self.min_keep, self.seed = drop, float(p), min_keep, int(seed)
+        self.rule_kwargs = dict(rule_kwargs or {})
+        self.save_dropped = save_dropped
+        self.rule: SelectionRule | None = drop if isinstance(drop, SelectionRule) else None
+        self.filter_history: list[dict[str, Any]] = []
+        self._original_shape: BufferShape | None = None
+
+    def _build_rule(self) -> SelectionRule:
+        min_keep = self.min_keep if self.min_keep is not None else int(self.model.batch_size)
+        if self.drop == "neg-bottom":
+            return NegBottom(self.p, min_keep=min_keep)
+        if self.drop == "random":
+            return RandomDrop(NegBottom(self.p, min_keep=min_keep), seed=self.seed, min_keep=min_keep)
+        return make_rule(str(self.drop), min_keep=min_keep, **self.rule_kwargs)
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        if self.rule is None:
+            self.rule = self._build_rule()
+        if self._original_shape is None:
+            buf = self.model.rollout_buffer
+            self._original_shape = BufferShape(buf.buffer_size, buf.n_envs)
+
+    def _settings(self) -> dict[str, Any]:
+        rule = self.rule.config() if self.rule is not None else {"drop": str(self.drop), "p": self.p}
+        return {**super()._settings(), "iif_rule": rule}
+
+    # ----------------------------------------------------------------- hooks
+    def _on_round_scored(self, records: RecordBatch, scores: RoundScores) -> None:
+        s = scores.scores
+        if s.dim() != 1:
+            raise RlattrError(
+                f"target: IIF filters on one score per record, got scores of shape {tuple(s.shape)}; "
+                "use a single-component target such as 'return'"
+            )
+        assert self.rule is not None
+        result = self.rule(s)
+        self._restore()
+        self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
+        self._log_filter(records, result)
+
+    def _on_rollout_start(self) -> None:
+        self._restore()
+
+    def _on_training_end(self) -> None:
+        self._restore()
+        super()._on_training_end()
+
+    def _restore(self) -> None:
+        buf = self.model.rollout_buffer
+        shape = self._original_shape
+        if shape is not None and (buf.buffer_size, buf.n_envs) != (shape.buffer_size, shape.n_envs):
+            restore_rollout_buffer(buf, shape)
+
+    # ----------------------------------------------------------------- outputs
+    def _log_filter(self, records: RecordBatch, result: FilterResult) -> None:
+        dropped = records.ids[~result.keep].tolist()
+        entry = {
+            "round": records.round_index,
+            "timesteps": int(self.model.num_timesteps),
+            "n_records": len(records),
+            "n_kept": result.n_kept,
+            "kept_fraction": result.kept_fraction,
+            "threshold": result.threshold,
+            "note": result.note,
+            "dropped_ids": dropped,
+        }
+        self.filter_history.append(entry)
+        self.logger.record("attr/kept_fraction", result.kept_fraction)
+        self.logger.record("attr/n_dropped", result.n_dropped)
+        if np.isfinite(result.threshold):
+            self.logger.record("attr/drop_threshold", result.threshold)
+        if result.note and self.verbose >= 1:
+            print(f"[rlattr] IIF round {entry['round']}: {result.note}")
+        if self.save_dropped and self.run_dir is not None:
+            _atomic_json(self.run_dir / "rlattr" / "iif" / f"round_{entry['round']:05d}.json", entry)
+
+    def kept_mask(self) -> torch.Tensor | None:
+        """The last round's keep mask ``Tensor[n]`` (record order), or ``None`` before any round."""
+        if not self.filter_history or self.last_records is None:
+            return None
+        dropped = {tuple(i) for i in self.filter_history[-1]["dropped_ids"]}
+        return torch.tensor([tuple(i) not in dropped for i in self.last_records.ids.tolist()])
+
+
+__all__ = ["BufferShape", "IIFCallback", "compact_rollout_buffer", "restore_rollout_buffer"]

@@ -1,0 +1,1 @@
+"""``rlattr demo`` (PPO on CartPole with InfluenceCallback) and ``rlattr demo-digits``."""

@@ -1,0 +1,224 @@
+"""Counterfactual ground truth by retraining: leave-one-out, subsets for LDS, final-model-only.
+
+Retraining is the caller's: ``retrain(weights, seed) -> params`` trains with per-record weights
+(``Tensor[n]``, 0 drops a record; e.g. :func:`rlattr.testing.supervised.train_classifier`) and
+``evaluate(params) -> Tensor[m]`` measures the queries (their losses, margins ...). This module
+decides *what* to retrain, runs the jobs (in up to ``processes`` forked worker processes, one torch
+thread each) and, given ``out_dir``, stores every finished job as its own file through
+:mod:`rlattr.core.store`, so an interrupted run resumes where it stopped. ``out_dir`` also holds
+``manifest.json`` with the configuration; a folder holding another configuration is refused.
+
+* :func:`leave_one_out`: ``evaluate(theta_{-i}) - evaluate(theta)`` for chosen records.
+* :func:`subset_retraining`: ``evaluate(theta_S)`` for seeded random subsets (LDS).
+* :func:`final_model_gold`: Wei et al. (arXiv 2412.03906): from the final model, further training
+  with and without record i under the same randomness, the difference averaged over seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlattr.core.store import load_json, load_tensors, save_json, save_tensors
+from rlattr.core.task import Params
+from rlattr.errors import RlattrError
+
+Retrain = Callable[[Tensor, int], Params]
+Evaluate = Callable[[Params], Tensor]
+_JOB: Callable[[int], Tensor] | None = None
+
+
+def subset_masks(n: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
+    """``Tensor[num_subsets, n]`` bool, each row keeping exactly ``round(fraction * n)`` records."""
+    if n < 2 or num_subsets < 1:
+        raise RlattrError(f"n, num_subsets: need n >= 2 and num_subsets >= 1, got {n}, {num_subsets}")
+    if not 0.0 < fraction < 1.0:
+        raise RlattrError(f"fraction: must be in (0, 1), got {fraction}")
+    keep = max(1, round(fraction * n))
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(num_subsets, n, dtype=torch.bool)
+    for s in range(num_subsets):
+        masks[s, torch.randperm(n, generator=gen)[:keep]] = True
+    return masks
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _call_job(j: int) -> tuple[int, Tensor]:
+    assert _JOB is not None
+    return j, _JOB(j)
+
+
+def _map_jobs(
+    job: Callable[[int], Tensor], todo: Sequence[int], processes: int
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(j, job(j))`` as jobs finish; forked workers inherit ``job`` (closures are fine)."""
+    global _JOB
+    if processes <= 1 or len(todo) <= 1:
+        for j in todo:
+            yield j, job(j)
+        return
+    _JOB = job
+    try:
+        with mp.get_context("fork").Pool(min(processes, len(todo)), initializer=_init_worker) as pool:
+            yield from pool.imap_unordered(_call_job, todo)
+    finally:
+        _JOB = None
+
+
+def _check_manifest(out_dir: Path, config: dict[str, Any]) -> None:
+    path = out_dir / "manifest.json"
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    if path.exists():
+        old = load_json(path)
+        if old != config:
+            raise RlattrError(
+                f"out_dir: {str(out_dir)!r} holds results of another configuration; use a new folder "
+                f"(stored: {old}, asked: {config})"
+            )
+    else:
+        save_json(path, config)
+
+
+def run_jobs(
+    job: Callable[[int], Tensor],
+    count: int,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    config: dict[str, Any] | None = None,
+    processes: int = 1,
+) -> Tensor:
+    """``Tensor[count, ...]``: ``job(j)`` for every j, resuming from (and saving to) ``out_dir``."""
+    if processes < 1:
+        raise RlattrError(f"processes: must be >= 1, got {processes}")
+    results: dict[int, Tensor] = {}
+    folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        _check_manifest(folder, {"count": count, **(config or {})})
+        for j in range(count):
+            path = folder / f"job_{j:05d}.safetensors"
+            if path.exists():
+                results[j] = load_tensors(path)[0]["value"]
+    todo = [j for j in range(count) if j not in results]
+    for j, value in _map_jobs(job, todo, processes):
+        results[j] = value.detach().cpu()
+        if folder is not None:
+            save_tensors(folder / f"job_{j:05d}.safetensors", {"value": results[j]}, {"index": j})
+    return torch.stack([results[j] for j in range(count)])
+
+
+def _digest(t: Tensor) -> str:
+    return hashlib.sha256(t.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def leave_one_out(
+    retrain: Retrain,
+    evaluate: Evaluate,
+    n: int,
+    indices: Sequence[int],
+    *,
+    seed: int = 0,
+    baseline: Tensor | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    config: dict[str, Any] | None = None,
+    processes: int = 1,
+) -> Tensor:
+    """``Tensor[len(indices), m]``: ``evaluate(retrain(w_{-i}, seed)) - baseline``.
+
+    ``baseline`` defaults to ``evaluate(retrain(ones, seed))`` (retrained the same way, so the
+    optimiser's own error cancels). Positive = removing the record raised the measured quantity.
+    """
+    idx = [int(i) for i in indices]
+    if not idx or min(idx) < 0 or max(idx) >= n:
+        raise RlattrError(f"indices: expected record indices in [0, {n}), got {list(indices)[:10]}")
+
+    def job(j: int) -> Tensor:
+        w = torch.ones(n)
+        w[idx[j]] = 0.0
+        return evaluate(retrain(w, seed)).detach()
+
+    cfg = {"kind": "loo", "n": n, "indices": idx, "seed": seed, **(config or {})}
+    values = run_jobs(job, len(idx), out_dir=out_dir, config=cfg, processes=processes)
+    base = evaluate(retrain(torch.ones(n), seed)).detach() if baseline is None else baseline
+    return values - base.reshape(1, -1)
+
+
+def subset_retraining(
+    retrain: Retrain,
+    evaluate: Evaluate,
+    masks: Tensor,
+    *,
+    seed: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+    config: dict[str, Any] | None = None,
+    processes: int = 1,
+) -> Tensor:
+    """``Tensor[M, m]``: ``evaluate(retrain(mask_s, seed + s))`` for each subset (row of ``masks``)."""
+    if masks.dim() != 2 or masks.dtype != torch.bool or not bool(masks.any(1).all()):
+        raise RlattrError(
+            f"masks: expected a bool Tensor[M, n] keeping >= 1 record per row, got {masks.dtype} {tuple(masks.shape)}"
+        )
+
+    def job(s: int) -> Tensor:
+        return evaluate(retrain(masks[s].double(), seed + s)).detach()
+
+    cfg = {
+        "kind": "subsets",
+        "masks": _digest(masks),
+        "shape": list(masks.shape),
+        "seed": seed,
+        **(config or {}),
+    }
+    return run_jobs(job, masks.shape[0], out_dir=out_dir, config=cfg, processes=processes)
+
+
+def final_model_gold(
+    further_train: Retrain,
+    evaluate: Evaluate,
+    n: int,
+    indices: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    config: dict[str, Any] | None = None,
+    processes: int = 1,
+) -> Tensor:
+    """``Tensor[len(indices), m]``: ``mean_seed [evaluate(ft(w_{-i}, s)) - evaluate(ft(ones, s))]``.
+
+    ``further_train(weights, seed)`` must start from the final model every time and draw all its
+    randomness (batch order, dropout ...) from ``seed`` alone, so that the two arms differ only by
+    the record: the run with all records is computed once per seed and subtracted.
+    """
+    idx = [int(i) for i in indices]
+    seeds = [int(s) for s in seeds]
+    if not idx or min(idx) < 0 or max(idx) >= n:
+        raise RlattrError(f"indices: expected record indices in [0, {n}), got {list(indices)[:10]}")
+    if not seeds:
+        raise RlattrError("seeds: expected at least one seed")
+    arms = [None, *idx]  # None: no removal
+
+    def job(j: int) -> Tensor:
+        arm, s = arms[j // len(seeds)], seeds[j % len(seeds)]
+        w = torch.ones(n)
+        if arm is not None:
+            w[arm] = 0.0
+        return evaluate(further_train(w, s)).detach()
+
+    cfg = {"kind": "final_model", "n": n, "indices": idx, "seeds": seeds, **(config or {})}
+    values = run_jobs(job, len(arms) * len(seeds), out_dir=out_dir, config=cfg, processes=processes)
+    values = values.reshape(len(arms), len(seeds), -1)
+    return (values[1:] - values[:1]).mean(1)
+
+
+__all__ = ["final_model_gold", "leave_one_out", "run_jobs", "subset_masks", "subset_retraining"]
