@@ -52,6 +52,7 @@ from rlattr.callbacks.sb3.policy import (
 )
 from rlattr.callbacks.sb3.validation import collect_validation
 from rlattr.errors import RlattrError
+from rlattr.reporting.summary import score_summary
 from rlattr.rl.attribution import RoundScores, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
 from rlattr.rl.records import RecordBatch, RecordId, flatten_observations, index_observations
@@ -351,9 +352,7 @@ class InfluenceCallback(BaseCallback):
             "round": records.round_index,
             "timesteps": int(self.model.num_timesteps),
             "n_records": len(records),
-            "mean": float(s.mean()),
-            "std": float(s.std()) if s.numel() > 1 else 0.0,
-            "positive_fraction": float((s > 0).float().mean()),
+            **score_summary(s, records.advantages),
             "seconds": scores.seconds,
         }
         if self.last_probe:

@@ -12,10 +12,11 @@ import math
 import os
 from typing import Any
 
-import torch
 from torch import Tensor
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
+
+from rlattr.reporting.summary import markdown_table, score_summary, top_bottom
 
 
 def _decode(tokenizer: Any, ids: Tensor, mask: Tensor) -> str:
@@ -33,10 +34,7 @@ def top_bottom_rows(trainer: Any, out: dict[str, Any], scores: Tensor, mine: sli
     """
     if k <= 0:
         return []
-    order = torch.argsort(scores, descending=True, stable=True)
-    k = min(k, scores.numel())
-    wanted = {int(i): "top" for i in order[:k]}
-    wanted.update({int(i): "bottom" for i in order[-k:] if int(i) not in wanted})
+    wanted = {g: end for end, _, g in top_bottom(scores, k)}
     tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     rows = []
     for g, end in wanted.items():
@@ -61,17 +59,16 @@ def top_bottom_rows(trainer: Any, out: dict[str, Any], scores: Tensor, mine: sli
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| index | score | advantage | prompt | completion |", "|---|---|---|---|---|"]
-    for r in rows:
-        cells = [str(r["index"]), f"{r['score']:.4g}", f"{r['advantage']:.3g}", r["prompt"], r["completion"]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(lines)
+    cells = [
+        [r["index"], f"{r['score']:.4g}", f"{r['advantage']:.3g}", r["prompt"], r["completion"]] for r in rows
+    ]
+    return markdown_table(("index", "score", "advantage", "prompt", "completion"), cells)
 
 
 class AttributionLogger(TrainerCallback):
     """Writes the hook's records as ``attr/*`` TensorBoard tags (main process only).
 
-    Scalars: ``attr/score_mean``, ``attr/score_std``, ``attr/frac_negative``, ``attr/kept_fraction``,
+    Scalars: ``attr/score_mean``, ``attr/score_std``, ``attr/positive_fraction``, ``attr/kept_fraction``,
     ``attr/n_dropped``, ``attr/score_adv_corr``, ``attr/target_reward``, ``attr/seconds``,
     ``attr/seconds_target``; ``attr/score_hist`` (histogram); ``attr/top_completions`` and
     ``attr/bottom_completions`` (text tables).
@@ -126,17 +123,8 @@ class AttributionLogger(TrainerCallback):
 
 def summary(rec: dict[str, Any]) -> dict[str, float]:
     """Scalar summaries of one record: ``{tag: value}`` (tags without the ``attr/`` prefix)."""
-    s, keep, adv = rec["scores"].double(), rec["keep"], rec["advantages"].double()
-    corr = float("nan")
-    if s.numel() > 1 and float(s.std()) > 0 and float(adv.std()) > 0:
-        corr = float(torch.corrcoef(torch.stack([s, adv]))[0, 1])
     return {
-        "score_mean": float(s.mean()),
-        "score_std": float(s.std()) if s.numel() > 1 else 0.0,
-        "frac_negative": float((s < 0).double().mean()),
-        "kept_fraction": float(keep.double().mean()),
-        "n_dropped": float((~keep).sum()),
-        "score_adv_corr": corr,
+        **score_summary(rec["scores"], rec["advantages"], rec["keep"]),
         "target_reward": float(rec["target_reward"]),
         "seconds": float(rec["seconds"]),
         "seconds_target": float(rec["seconds_target"]),

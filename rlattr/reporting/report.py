@@ -15,6 +15,8 @@ import torch
 
 from rlattr.errors import RlattrError
 from rlattr.reporting.plots import save, score_distributions, score_vs_advantage, summary_curves
+from rlattr.reporting.summary import html_table, summary_value, top_bottom
+from rlattr.reporting.tensorboard import RECORD_HEADER, record_rows
 from rlattr.reporting.validity import validity_section
 from rlattr.rl.records import format_id
 from rlattr.rl.snapshots import AttributionRun, load_run
@@ -26,24 +28,12 @@ _STYLE += "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-wi
 def _table(run: AttributionRun, k: int, top_k: int) -> str:
     scores = run.scores(k)
     s = scores.scores if scores.scores.dim() == 1 else scores.scores.mean(0)
-    adv = run.advantages(k)
     records = run.records(k) if run.has_snapshot(k) else None
-    order = s.argsort(descending=True)
-    picks = [("top", int(j)) for j in order[:top_k]] + [("bottom", int(j)) for j in order.flip(0)[:top_k]]
-    rows = ["<tr><th></th><th>id</th><th>state</th><th>action</th><th>advantage</th><th>score</th></tr>"]
-    for side, j in picks:
-        state = action = "(pruned)"
-        if records is not None:
-            from rlattr.reporting.tensorboard import state_summary
-            from rlattr.rl.records import index_observations
-
-            state = state_summary(index_observations(records.observations, j))
-            action = ", ".join(f"{float(a):.3g}" for a in records.actions[j].reshape(-1)[:4])
-        rows.append(
-            f"<tr><td>{side}</td><td>{format_id(scores.ids[j])}</td><td>{html.escape(state)}</td>"
-            f"<td>{html.escape(action)}</td><td>{float(adv[j]):.3g}</td><td>{float(s[j]):.4g}</td></tr>"
-        )
-    return f"<h3>round {k}</h3><table>{''.join(rows)}</table>"
+    rows = record_rows(records, s, top_k, advantages=run.advantages(k))
+    if records is None:  # ids still come from the scores file
+        for row, (_, _, j) in zip(rows, top_bottom(s, top_k), strict=True):
+            row[1] = format_id(scores.ids[j])
+    return f"<h3>round {int(k)}</h3>{html_table(RECORD_HEADER, rows)}"
 
 
 def _behaviour(run: AttributionRun, out: Path) -> str:
@@ -61,6 +51,11 @@ def _behaviour(run: AttributionRun, out: Path) -> str:
         "action-target scores of that round's records (positive: the round's data pushes the "
         "action up).</p><img src='behaviour_logp.png'><img src='behaviour_influence.png'>"
     )
+
+
+def _value(summary: dict, key: str) -> float:
+    value = summary_value(summary, key)
+    return float(value) if isinstance(value, int | float) else float("nan")
 
 
 def write_report(
@@ -81,8 +76,8 @@ def write_report(
     all_scores = [run.scores(r).scores for r in rounds]
     all_scores = [s if s.dim() == 1 else s.mean(0) for s in all_scores]
     by_round = {s["round"]: s for s in run.summaries}
-    keys = ("positive_fraction", "mean", "std", "seconds")
-    series = {k: [by_round.get(r, {}).get(k, float("nan")) for r in rounds] for k in keys}
+    keys = ("positive_fraction", "score_mean", "score_std", "seconds")
+    series = {k: [_value(by_round.get(r, {}), k) for r in rounds] for k in keys}
     save(summary_curves(rounds, series), str(out_dir / "summary.png"))
     save(score_distributions(rounds, all_scores), str(out_dir / "distributions.png"))
     last = rounds[-1]

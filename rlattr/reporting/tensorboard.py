@@ -1,19 +1,22 @@
 """TensorBoard logging of a round's attribution, under ``attr/`` tags, beside SB3's own tags.
 
-Tags: ``attr/score_hist`` (histogram), ``attr/positive_fraction``, ``attr/score_mean``,
-``attr/score_std``, ``attr/seconds``, ``attr/disk_mb``, ``attr/top_bottom`` (text table), with
+Tags: ``attr/score_hist`` (histogram), the scalars of
+:func:`rlattr.reporting.summary.score_summary` (``attr/score_mean``, ``attr/positive_fraction``, ...),
+``attr/seconds``, ``attr/disk_mb``, ``attr/top_bottom`` (text table), with
 ``by_group`` ``attr/layer_share/{layer}`` (each layer's share of sum |score parts|), and every N
 rounds ``attr/score_vs_advantage`` (image). The x-axis is the global timestep, as in SB3.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from rlattr.reporting.summary import SUMMARY_KEYS, markdown_table, top_bottom
 from rlattr.rl.attribution import RoundScores
 from rlattr.rl.records import RecordBatch, format_id, index_observations
 
@@ -31,18 +34,30 @@ def state_summary(obs: Tensor | dict[str, Tensor], max_values: int = 4) -> str:
 
 def top_bottom_table(records: RecordBatch, scores: Tensor, k: int) -> str:
     """Markdown table of the ``k`` highest and ``k`` lowest scored records of ``scores: Tensor[n]``."""
-    order = scores.argsort(descending=True)
-    k = min(k, len(order))
-    rows = ["| rank | id | state | action | advantage | score |", "|---|---|---|---|---|---|"]
-    picks = [("top", i, int(j)) for i, j in enumerate(order[:k])]
-    picks += [("bottom", i, int(j)) for i, j in enumerate(order.flip(0)[:k])]
-    for side, i, j in picks:
-        action = ", ".join(f"{float(a):.3g}" for a in records.actions[j].reshape(-1)[:4])
-        rows.append(
-            f"| {side} {i + 1} | {format_id(records.ids[j])} | {state_summary(index_observations(records.observations, j))} | "
-            f"{action} | {float(records.advantages[j]):.3g} | {float(scores[j]):.4g} |"
-        )
-    return "\n".join(rows)
+    return markdown_table(RECORD_HEADER, record_rows(records, scores, k))
+
+
+def record_rows(
+    records: RecordBatch | None, scores: Tensor, k: int, advantages: Tensor | None = None
+) -> list[list[str]]:
+    """Rows ``[rank, id, state, action, advantage, score]`` of the top and bottom ``k`` records.
+
+    ``records`` may be None (pruned by retention): state and action then read "(pruned)" and the
+    ids and advantages come from ``ids`` / ``advantages`` of the scores file via ``advantages``.
+    """
+    rows = []
+    for end, rank, j in top_bottom(scores, k):
+        state = action = "(pruned)"
+        if records is not None:
+            state = state_summary(index_observations(records.observations, j))
+            action = ", ".join(f"{float(a):.3g}" for a in records.actions[j].reshape(-1)[:4])
+        adv = advantages if advantages is not None else records.advantages  # type: ignore[union-attr]
+        rid = format_id(records.ids[j]) if records is not None else ""
+        rows.append([f"{end} {rank}", rid, state, action, f"{float(adv[j]):.3g}", f"{float(scores[j]):.4g}"])
+    return rows
+
+
+RECORD_HEADER = ("rank", "id", "state", "action", "advantage", "score")
 
 
 class AttrWriter:
@@ -61,14 +76,15 @@ class AttrWriter:
         *,
         image: bool,
     ) -> None:
-        """Log one round; ``summary`` holds mean, std, positive_fraction, seconds (and disk_bytes)."""
+        """Log one round; ``summary`` holds :func:`~rlattr.reporting.summary.score_summary`'s keys, seconds
+        (and disk_bytes)."""
         s = scores.scores if scores.scores.dim() == 1 else scores.scores.mean(0)
         w = self.writer
         w.add_histogram("attr/score_hist", s.float().numpy(), step)
-        w.add_scalar("attr/positive_fraction", summary["positive_fraction"], step)
-        w.add_scalar("attr/score_mean", summary["mean"], step)
-        w.add_scalar("attr/score_std", summary["std"], step)
-        w.add_scalar("attr/seconds", summary["seconds"], step)
+        for key in (*SUMMARY_KEYS, "seconds"):
+            value = summary.get(key)
+            if value is not None and math.isfinite(value):
+                w.add_scalar(f"attr/{key}", value, step)
         if "disk_bytes" in summary:
             w.add_scalar("attr/disk_mb", summary["disk_bytes"] / 2**20, step)
         w.add_text("attr/top_bottom", top_bottom_table(records, s, top_k), step)
