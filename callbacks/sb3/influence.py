@@ -29,6 +29,7 @@ kept as ``self.last_records`` / ``self.last_scores``; ``self.round_scores()`` gi
 from __future__ import annotations
 
 import random
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,16 @@ class InfluenceCallback(BaseCallback):
         if self._snapshots is not None:  # a later learn() call continues the same run folder
             return
         self.run_dir = self._resolve_run_dir()
-        if self.run_dir is not None:
+        if self.run_dir is None:
+            warnings.warn(
+                f"{type(self).__name__}: nothing will be saved (the PPO model has no tensorboard_log and "
+                "the callback no log_dir): scores stay in memory only (callback.history, "
+                "callback.last_scores). Pass PPO(..., tensorboard_log='runs') or log_dir='runs/my_run' "
+                "to get TensorBoard attr/* tags, snapshots and `rlattr report`.",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
             meta = run_metadata(
                 target=self.target.describe(),
                 hyperparameters=ppo_hyperparameters(self.model),
