@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from rlattr.reporting.plots import plt, save
 
 VALIDITY_FORMAT = 1
 VALIDITY_FILES = ("rlattr/validity.json", "validity.json")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_validity(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -38,6 +40,16 @@ def check_validity(results: dict[str, Any]) -> list[dict[str, Any]]:
     stages = results.get("stages")
     if not isinstance(stages, list) or not stages:
         raise RlattrError("results: 'stages' must be a non-empty list")
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or not isinstance(stage.get("lds"), dict):
+            raise RlattrError(f"results: stages[{i}] must be an object with an 'lds' mapping")
+        for target in stage["lds"]:
+            # target names become file names and page text: only plain tokens are accepted
+            if not isinstance(target, str) or not _TOKEN.fullmatch(target):
+                raise RlattrError(
+                    f"results: target name {target!r} in stages[{i}]; supported: letters, digits, '_' "
+                    "and '-' (at most 64)"
+                )
     return stages
 
 
@@ -133,17 +145,25 @@ def validity_section(run_dir: str | Path, out_dir: str | Path) -> str:
     path = find_validity(run_dir)
     if path is None:
         return ""
-    results = json.loads(path.read_text())
-    images = "".join(f"<img src='{p.name}'>" for p in plot_validity(results, out_dir))
-    tables = "".join(
-        f"<h3>local LDS, {html.escape(t)} target</h3><pre>{html.escape(validity_table(results, t))}</pre>"
-        for t in check_validity(results)[0]["lds"]
-    )
+    # a received run's document is untrusted: any fault in it is named on the page, not raised
+    try:
+        results = json.loads(path.read_text())
+        images = "".join(f"<img src='{html.escape(p.name)}'>" for p in plot_validity(results, out_dir))
+        tables = "".join(
+            f"<h3>local LDS, {html.escape(t)} target</h3><pre>{html.escape(validity_table(results, t))}</pre>"
+            for t in check_validity(results)[0]["lds"]
+        )
+        interventions = html.escape(intervention_table(results))
+    except (RlattrError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as err:
+        return (
+            f"<h2>Validity (local LDS)</h2><p>{html.escape(path.name)} skipped: "
+            f"{html.escape(f'{type(err).__name__}: {err}')}</p>"
+        )
     return (
         "<h2>Validity (local LDS)</h2><p>Spearman correlation, over random 50% subsets of a round's "
         "buffer, between the summed scores of a subset and the target after re-running the round on "
         f"it (from {html.escape(str(path))}).</p>{images}{tables}"
-        f"<h3>intervention</h3><pre>{html.escape(intervention_table(results))}</pre>"
+        f"<h3>intervention</h3><pre>{interventions}</pre>"
     )
 
 

@@ -61,3 +61,32 @@ def test_report_section_only_when_present(tmp_path: Path) -> None:
         "validity_lds_buffer.png",
         "validity_lds_validation.png",
     ]
+
+
+@pytest.mark.parametrize("target", ["x'><img src=x onerror=alert(1)>", "../../escaped", "a/b"])
+def test_a_hostile_target_name_writes_nothing_outside_and_is_shown_escaped(
+    tmp_path: Path, target: str
+) -> None:
+    doc = document()
+    for stage in doc["stages"]:
+        stage["lds"] = {target: stage["lds"]["buffer"]}
+        stage["ceiling"] = {target: 0.9}
+    run = tmp_path / "a" / "b" / "run"
+    (run / "rlattr").mkdir(parents=True)
+    (run / "rlattr" / "validity.json").write_text(json.dumps(doc))
+    out = tmp_path / "a" / "b" / "run" / "report"
+    section = validity_section(run, out)
+    assert "<img src=x" not in section and "onerror=alert(1)>" not in section
+    assert "validity.json skipped" in section and "results: target name" in section
+    written = {p for p in tmp_path.rglob("*.png")}
+    assert all(out in p.parents for p in written), written
+    with pytest.raises(ValueError, match="results: target name"):
+        plot_validity(doc, out)
+
+
+def test_a_malformed_document_is_named_not_raised(tmp_path: Path) -> None:
+    (tmp_path / "validity.json").write_text(json.dumps({"kind": "rl_attribution_validity", "stages": [1]}))
+    section = validity_section(tmp_path, tmp_path / "report")
+    assert "validity.json skipped" in section
+    (tmp_path / "validity.json").write_text("{not json")
+    assert "validity.json skipped" in validity_section(tmp_path, tmp_path / "report")
