@@ -35,10 +35,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# mypy through .ci/typecheck.py, which checks callbacks/ under its installed name rlattr.callbacks
+LINT_PATHS := rlattr callbacks experiments tests .ci/typecheck.py
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rlattr callbacks tests experiments
-	$(VENV)/bin/ruff format --check rlattr callbacks tests experiments
-	$(VENV)/bin/mypy rlattr
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(PY) .ci/typecheck.py $(LINT_PATHS)
 
 bench: $(ENVS_STAMP)
 	$(PY) experiments/bench_grads.py
