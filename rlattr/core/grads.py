@@ -77,15 +77,6 @@ def _check_finite(what: str, values: Tensor | dict[str, Tensor]) -> None:
             )
 
 
-def _resolve_params(task: Task, params: Params | None) -> Params:
-    if params is None:
-        return task.tracked_params()
-    missing = [n for n in task.tracked_names if n not in params]
-    if missing:
-        raise RlattrError(f"params: missing tracked parameter(s) {missing}")
-    return {n: params[n].detach() for n in task.tracked_names}
-
-
 def _vmap_grads(task: Task, params: Params, chunk: Batch) -> dict[str, Tensor]:
     def one(p: Params, record: Batch) -> Tensor:
         return task.loss(p, tree_map(lambda x: x.unsqueeze(0), record)).reshape(())
@@ -120,7 +111,7 @@ def iter_per_record_grads(
     """
     if method not in GRAD_METHODS:
         raise RlattrError(f"method: got {method!r}; supported: {GRAD_METHODS}")
-    p = _resolve_params(task, params)
+    p = task.resolve_params(params)
     n = batch_size(batch)
     use = method
     for start, stop in _chunks(n, chunk_size):
@@ -169,7 +160,7 @@ def flatten(grads: dict[str, Tensor], names: list[str]) -> Tensor:
 def target_grads(task: Task, batch: Batch, *, params: Params | None = None) -> dict[str, Tensor]:
     """Gradient of each target component: ``dict[name, Tensor[m, *shape]]`` (m = 1 for a scalar)."""
     target = task.require_target()
-    p = _resolve_params(task, params)
+    p = task.resolve_params(params)
 
     def f(q: Params) -> Tensor:
         out = target(q, batch)
@@ -184,7 +175,7 @@ def target_grads(task: Task, batch: Batch, *, params: Params | None = None) -> d
 
 def loss_grads_sum(task: Task, batch: Batch, *, params: Params | None = None) -> dict[str, Tensor]:
     """Gradient of the summed training loss over ``batch``: ``dict[name, Tensor[*shape]]``."""
-    p = _resolve_params(task, params)
+    p = task.resolve_params(params)
     g = grad(lambda q: task.loss(q, batch).sum())(p)
     _check_finite("loss gradients", g)
     return g
@@ -219,11 +210,8 @@ def directional_scores(
     when ``by_group`` (the columns sum to the total). ``direction`` maps every tracked name to a
     tensor of the parameter's shape.
     """
-    p = _resolve_params(task, params)
-    missing = [k for k in task.tracked_names if k not in direction]
-    bad = [k for k in task.tracked_names if k in direction and direction[k].shape != p[k].shape]
-    if missing or bad:
-        raise RlattrError(f"direction: missing tracked parameter(s) {missing}, wrong shape for {bad}")
+    p = task.resolve_params(params)
+    task.check_params(direction, "direction")
     n = batch_size(batch)
     groups = task.group_names if by_group else ["*"]
     members = {g: [k for k in task.tracked_names if not by_group or task.group_of[k] == g] for g in groups}
@@ -249,12 +237,6 @@ def group_dots(task: Task, grads: dict[str, Tensor], direction: Params) -> Tenso
     return torch.stack(cols, dim=1)
 
 
-def grad_norms(grads: dict[str, Tensor]) -> Tensor:
-    """Euclidean norm of each record's full gradient: ``Tensor[n]``."""
-    sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values())
-    return torch.as_tensor(sq).sqrt()
-
-
 __all__ = [
     "batch_size",
     "slice_batch",
@@ -265,5 +247,4 @@ __all__ = [
     "loss_grads_sum",
     "directional_scores",
     "group_dots",
-    "grad_norms",
 ]

@@ -81,10 +81,10 @@ class Task:
             raise TypeError(f"target: expected a callable (params, batch) -> Tensor, got {self.target!r}")
         if self.target_goal not in TARGET_GOALS:
             raise RlattrError(f"target_goal: got {self.target_goal!r}; supported: {TARGET_GOALS}")
-        self.tracked_names = self._resolve_params()
+        self.tracked_names = self._resolve_names()
         self.group_of = self._resolve_groups()
 
-    def _resolve_params(self) -> list[str]:
+    def _resolve_names(self) -> list[str]:
         named = dict(self.model.named_parameters())
         sel = self.params
         if sel is None:
@@ -136,6 +136,23 @@ class Task:
         """The current values of the tracked parameters, detached: ``dict[name, Tensor]``."""
         named = dict(self.model.named_parameters())
         return {n: named[n].detach() for n in self.tracked_names}
+
+    def check_params(self, params: Params, what: str = "params") -> None:
+        """Raise an RlattrError naming ``what`` unless ``params`` holds every tracked parameter with
+        the model's shape (extra entries are allowed and ignored)."""
+        named = dict(self.model.named_parameters())
+        missing = [n for n in self.tracked_names if n not in params]
+        bad = [n for n in self.tracked_names if n in params and params[n].shape != named[n].shape]
+        if missing or bad:
+            raise RlattrError(f"{what}: missing tracked parameter(s) {missing}, wrong shape for {bad}")
+
+    def resolve_params(self, params: Params | None = None) -> Params:
+        """The tracked parameters to evaluate at, detached: the model's current values when
+        ``params`` is None, else ``params``' tracked entries (checked by :meth:`check_params`)."""
+        if params is None:
+            return self.tracked_params()
+        self.check_params(params)
+        return {n: params[n].detach() for n in self.tracked_names}
 
     def target_sign(self) -> float:
         """-1 for a target to raise, +1 for a loss to lower: ``g_q = sign * grad target``."""

@@ -21,7 +21,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from rlattr.core.grads import _resolve_params, batch_size, flatten, iter_per_record_grads, slice_batch
+from rlattr.core.grads import batch_size, flatten, iter_per_record_grads, slice_batch
 from rlattr.core.methods.hessian import ParamLayout
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
@@ -93,7 +93,7 @@ def _layer_rows(mod: nn.Module, inp: Tensor, out_grad: Tensor, bias: bool) -> tu
 def _kronecker_factors(
     task: Task, loss: Callable[[Params, Batch], Tensor], batch: Batch, blocks: list[_Block], chunk_size: int
 ) -> list[tuple[Tensor, Tensor]]:
-    params = {k: v.clone().requires_grad_(True) for k, v in _resolve_params(task, None).items()}
+    params = {k: v.clone().requires_grad_(True) for k, v in task.tracked_params().items()}
     sums: list[list[Tensor]] = [[] for _ in blocks]
     n = batch_size(batch)
     for start in range(0, n, chunk_size):

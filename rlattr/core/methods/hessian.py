@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from rlattr.core.grads import _resolve_params, batch_size, slice_batch
+from rlattr.core.grads import batch_size, slice_batch
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
 
@@ -82,7 +82,7 @@ class ObjectiveHessian:
         if shift < 0 or not math.isfinite(shift):
             raise RlattrError(f"damping: l2 + damping must be a finite number >= 0, got {shift}")
         self.task, self.batch, self.shift = task, batch, float(shift)
-        p = _resolve_params(task, params)
+        p = task.resolve_params(params)
         self.layout = ParamLayout(p, task.tracked_names)
         self.theta = self.layout.flatten(p)
         self.n = batch_size(batch)

@@ -19,21 +19,20 @@ from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
 
 
-def _check_checkpoints(task: Task, checkpoints: Sequence[Params], lrs: Sequence[float]) -> None:
+def check_checkpoints(
+    task: Task, checkpoints: Sequence[Params], lrs: Sequence[float], what: str = "checkpoints"
+) -> None:
+    """Raise an RlattrError naming ``what`` unless there is at least one checkpoint, one learning
+    rate per checkpoint, and every checkpoint holds the task's tracked parameters with the model's
+    shapes."""
     if len(checkpoints) == 0:
-        raise RlattrError("checkpoints: expected at least one dict of tracked parameters, got none")
+        raise RlattrError(f"{what}: expected at least one dict of tracked parameters, got none")
     if len(lrs) != len(checkpoints):
         raise RlattrError(
             f"lrs: expected one learning rate per checkpoint ({len(checkpoints)}), got {len(lrs)}"
         )
-    shapes = task.tracked_params()
     for c, ckpt in enumerate(checkpoints):
-        missing = [n for n in task.tracked_names if n not in ckpt]
-        bad = [n for n in task.tracked_names if n in ckpt and ckpt[n].shape != shapes[n].shape]
-        if missing or bad:
-            raise RlattrError(
-                f"checkpoints[{c}]: missing tracked parameter(s) {missing}, wrong shape for {bad}"
-            )
+        task.check_params(ckpt, f"{what}[{c}]")
 
 
 class TracIn(Attributor):
@@ -62,7 +61,7 @@ class TracIn(Attributor):
         ckpts = list(checkpoints) if checkpoints is not None else [task.tracked_params()]
         self.checkpoints = [{k: v.detach().clone() for k, v in c.items()} for c in ckpts]
         self.lrs = [float(x) for x in lrs] if lrs is not None else [1.0] * len(self.checkpoints)
-        _check_checkpoints(task, self.checkpoints, self.lrs)
+        check_checkpoints(task, self.checkpoints, self.lrs)
         if projector is not None and projector.dim_in != task.num_params:
             raise RlattrError(
                 f"projector: dim_in is {projector.dim_in}, but the task tracks {task.num_params} parameters"

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rlattr.core.grads import flatten, iter_per_record_grads
 from rlattr.core.methods.base import Attributor, batch_signature, check_query, query_grads
-from rlattr.core.methods.tracin import _check_checkpoints
+from rlattr.core.methods.tracin import check_checkpoints
 from rlattr.core.projection import ProjectionKind, RandomProjection
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
@@ -61,7 +61,7 @@ class TRAK(Attributor):
         super().__init__(task, chunk_size=chunk_size)
         members = list(models) if models is not None else [task.tracked_params()]
         self.models = [{k: v.detach().clone() for k, v in m.items()} for m in members]
-        _check_checkpoints(task, self.models, [1.0] * len(self.models))
+        check_checkpoints(task, self.models, [1.0] * len(self.models), what="models")
         if proj_dim is not None and proj_dim < 1:
             raise RlattrError(f"proj_dim: must be >= 1 or None, got {proj_dim}")
         if not damping >= 0:
