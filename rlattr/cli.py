@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _cmd_demo_digits(args: argparse.Namespace) -> int:
@@ -14,17 +15,40 @@ def _cmd_demo_digits(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from rlattr.callbacks.sb3.config import load_config
+def _load_train_config(config: str, overrides: dict[str, Any]) -> Any:
+    """A TrainConfig from a YAML file or a shipped config's name, with command-line overrides."""
+    import yaml
 
-    overrides = {"runs_dir": args.runs_dir} if args.runs_dir else {}
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    config = load_config(args.config, overrides)
+    from rlattr.callbacks.sb3.config import config_from_dict
+    from rlattr.configs import check_not_study_config, resolve
+    from rlattr.errors import ConfigError
+
+    source, text = resolve(config)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    check_not_study_config(data, source)
+    if isinstance(data, dict):
+        data = {**data, **overrides}
+    return config_from_dict(data, source)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    names = {"runs_dir": args.runs_dir, "seed": args.seed, "total_timesteps": args.total_timesteps}
+    config = _load_train_config(args.config, {k: v for k, v in names.items() if v is not None})
     from rlattr.callbacks.sb3.train import train
 
     run_dir = train(config, progress_bar=not args.no_progress)
     print(f"run folder: {run_dir}\n  tensorboard --logdir {run_dir}\n  rlattr report {run_dir}")
+    return 0
+
+
+def _cmd_init_config(args: argparse.Namespace) -> int:
+    from rlattr.configs import write_copy
+
+    out = write_copy(args.name, args.path)
+    print(f"wrote {out}; edit it, then: rlattr train {out}")
     return 0
 
 
@@ -43,36 +67,58 @@ def _cmd_demo_ppo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlattr", description="Training-data attribution for RL and supervised models"
+def _sub(sub: Any, name: str, help: str, func: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    digits = sub.add_parser(
-        "demo-digits", help="offline attribution on scikit-learn's digits (PNG grid + table)"
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rlattr import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="rlattr",
+        description="Training-data attribution for RL (SB3 PPO, TRL GRPO/RLOO) and supervised models",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"rlattr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    digits = _sub(
+        sub,
+        "demo-digits",
+        "offline attribution on scikit-learn's digits (PNG grid + table)",
+        _cmd_demo_digits,
     )
     digits.add_argument("--out", default="demo_out/digits", help="output folder")
     digits.add_argument("--queries", type=int, default=3, help="number of test images to explain")
     digits.add_argument("--top-k", type=int, default=5, help="helpful and harmful images shown per query")
-    digits.add_argument("--seed", type=int, default=0)
-    digits.set_defaults(func=_cmd_demo_digits)
-    demo = sub.add_parser("demo", help="PPO on CartPole-v1 with InfluenceCallback, then the report")
+    digits.add_argument("--seed", type=int, default=0, help="seed of the data split and the model")
+    demo = _sub(sub, "demo", "PPO on CartPole-v1 with InfluenceCallback, then the report", _cmd_demo_ppo)
     demo.add_argument("--out", default="demo_out/ppo", help="folder that receives the run folder")
-    demo.add_argument("--timesteps", type=int, default=20_480)
+    demo.add_argument("--timesteps", type=int, default=20_480, help="environment steps to train for")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(func=_cmd_demo_ppo)
-    train = sub.add_parser("train", help="PPO + InfluenceCallback from a YAML config")
-    train.add_argument("config", help="YAML file (see configs/cartpole.yaml)")
+    train = _sub(sub, "train", "PPO + InfluenceCallback from a YAML config", _cmd_train)
+    train.add_argument(
+        "config",
+        help="a YAML file, or the name of a shipped config (cartpole, lunarlander); "
+        "`rlattr init-config NAME` writes one to edit",
+    )
     train.add_argument("--runs-dir", default=None, help="override the config's runs_dir")
     train.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    train.add_argument(
+        "--total-timesteps", type=int, default=None, help="override the config's total_timesteps"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=_cmd_train)
-    report = sub.add_parser("report", help="index.html + PNG plots of a run")
+    init = _sub(sub, "init-config", "write a copy of a shipped config to edit", _cmd_init_config)
+    init.add_argument("name", help="shipped config: cartpole or lunarlander")
+    init.add_argument("path", nargs="?", default=None, help="file (or folder) to write; default ./NAME.yaml")
+    report = _sub(sub, "report", "index.html + PNG plots of a run", _cmd_report)
     report.add_argument("run", help="run folder (or its rlattr/ subfolder)")
-    report.add_argument("--out", default=None, help="output folder (default: RUN/report)")
+    report.add_argument("--out", default=None, help="output folder; None: RUN/report")
     report.add_argument("--recent", type=int, default=5, help="rounds with a top/bottom table")
     report.add_argument("--top-k", type=int, default=10, help="rows per side of the tables")
-    report.set_defaults(func=_cmd_report)
     return parser
 
 
