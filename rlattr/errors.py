@@ -37,4 +37,14 @@ class RunExistsError(StoreError, FileExistsError):
         return Exception.__str__(self)
 
 
-__all__ = ["ConfigError", "MissingError", "RlattrError", "RunExistsError", "StoreError"]
+def check_int(name: str, value: object, low: int = 1, *, allow_none: bool = False) -> None:
+    """Raise :class:`RlattrError` unless ``value`` is an int ``>= low`` (bools are not ints here)."""
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise RlattrError(
+            f"{name}: expected an integer >= {low}{' or None' if allow_none else ''}, got {value!r}"
+        )
+
+
+__all__ = ["ConfigError", "MissingError", "RlattrError", "RunExistsError", "StoreError", "check_int"]
