@@ -16,6 +16,7 @@ The PPO and callback sections are checked against the signatures of ``stable_bas
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,37 @@ import yaml
 from rlattr.errors import ConfigError
 
 VEC_ENVS = ("dummy", "subproc")
+# exp_name becomes part of a folder name: one path component, never "." or ".."
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and reads ``1e5`` / ``3e-4`` as numbers (as
+    YAML 1.2 and rl-zoo3's configs mean them; YAML 1.1 reads them as strings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"config: duplicate key {key!r} (line {line}); each key may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def whole_number(value: Any) -> Any:
+    """``value`` as an int when it is a float with a whole-number value (``1e5`` -> 100000)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 @dataclass
@@ -61,8 +93,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.env_id, str) or not self.env_id:
             raise ConfigError(f"env_id: expected a Gymnasium environment id, got {self.env_id!r}")
+        if not isinstance(self.exp_name, str) or not _NAME.fullmatch(self.exp_name):
+            raise ConfigError(
+                f"exp_name: got {self.exp_name!r}; supported: letters, digits, '.', '_' and '-', starting "
+                "with a letter or digit (it names the run folder)"
+            )
         for name in ("seed", "total_timesteps", "n_envs"):
-            value = getattr(self, name)
+            value = whole_number(getattr(self, name))
+            setattr(self, name, value)
             low = 0 if name == "seed" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -71,8 +109,11 @@ class TrainConfig:
         for name in ("env_kwargs", "ppo", "callback"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name}: expected a mapping, got {type(getattr(self, name)).__name__}")
+        self.torch_threads = whole_number(self.torch_threads)
         if self.torch_threads is not None and (
-            not isinstance(self.torch_threads, int) or self.torch_threads < 1
+            not isinstance(self.torch_threads, int)
+            or isinstance(self.torch_threads, bool)
+            or self.torch_threads < 1
         ):
             raise ConfigError(f"torch_threads: expected an integer >= 1 or null, got {self.torch_threads!r}")
 
@@ -109,7 +150,7 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     if not p.is_file():
         raise ConfigError(f"config: no such file {str(p)!r}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML ({err})") from err
     if isinstance(data, dict) and overrides:
@@ -117,4 +158,4 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     return config_from_dict(data, str(p))
 
 
-__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config"]
+__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "whole_number"]
