@@ -20,27 +20,24 @@ later rounds, a second ``learn()`` and ``save``/``load`` see the buffer PPO buil
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 
 from rlattr.callbacks.sb3.influence import InfluenceCallback
+from rlattr.core.store import save_json
 from rlattr.errors import RlattrError
 from rlattr.rl.attribution import RoundScores
-from rlattr.rl.filtering import RULES, FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
+from rlattr.rl.filtering import FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
 from rlattr.rl.records import RecordBatch
 
 # Arrays that ``RolloutBuffer.get`` flattens env-major (``swap_and_flatten``) on first use.
 _FLATTENED_BY_GET = ("observations", "actions", "values", "log_probs", "advantages", "returns")
 _SCALAR_PER_RECORD = ("values", "log_probs", "advantages", "returns")
-DROP_CHOICES = ("neg-bottom", "random", *[n for n in RULES if n not in ("neg-bottom", "random")])
+# what rule_kwargs may hold: the other rules' parameters, and the rule a "random" drop shadows
+RULE_KWARGS = ("k", "like", "q", "t")
 
 
 @dataclass(frozen=True)
@@ -128,14 +125,6 @@ def restore_rollout_buffer(buffer: RolloutBuffer, shape: BufferShape) -> None:
     buffer.reset()
 
 
-def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh)
-    os.replace(tmp, path)
-
-
 class IIFCallback(InfluenceCallback):
     """Score every round against the return target and train PPO on the kept records only.
 
@@ -174,10 +163,11 @@ class IIFCallback(InfluenceCallback):
         influence_kwargs.setdefault("target", "return")
         influence_kwargs.setdefault("snapshot_every", 10)
         super().__init__(**influence_kwargs)
-        if not isinstance(drop, SelectionRule) and drop not in DROP_CHOICES:
-            raise RlattrError(f"drop: got {drop!r}; supported: {list(DROP_CHOICES)} or a SelectionRule")
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+        if not isinstance(p, (int, float)) or isinstance(p, bool):
             raise RlattrError(f"p: must be a fraction in [0, 1], got {p!r}")
+        unknown = sorted(set(rule_kwargs or {}) - set(RULE_KWARGS))
+        if unknown:
+            raise RlattrError(f"rule_kwargs: got {unknown}; supported: {list(RULE_KWARGS)}")
         if min_keep is not None and (
             not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1
         ):
@@ -185,29 +175,36 @@ class IIFCallback(InfluenceCallback):
         self.drop, self.p, self.min_keep, self.seed = drop, float(p), min_keep, int(seed)
         self.rule_kwargs = dict(rule_kwargs or {})
         self.save_dropped = save_dropped
-        self.rule: SelectionRule | None = drop if isinstance(drop, SelectionRule) else None
+        # built once here so that bad arguments fail at construction; rebuilt with the model's
+        # batch_size as min_keep in _init_callback when min_keep is None
+        self.rule: SelectionRule = drop if isinstance(drop, SelectionRule) else self._make_rule(min_keep or 1)
+        self._rule_pending = not isinstance(drop, SelectionRule) and min_keep is None
         self.filter_history: list[dict[str, Any]] = []
         self._original_shape: BufferShape | None = None
 
-    def _build_rule(self) -> SelectionRule:
-        min_keep = self.min_keep if self.min_keep is not None else int(self.model.batch_size)
-        if self.drop == "neg-bottom":
-            return NegBottom(self.p, min_keep=min_keep)
-        if self.drop == "random":
-            return RandomDrop(NegBottom(self.p, min_keep=min_keep), seed=self.seed, min_keep=min_keep)
-        return make_rule(str(self.drop), min_keep=min_keep, **self.rule_kwargs)
+    def _make_rule(self, min_keep: int) -> SelectionRule:
+        """The rule named by ``drop``, from :func:`rlattr.rl.filtering.make_rule`; ``p`` goes to neg-bottom."""
+        args: dict[str, Any] = dict(self.rule_kwargs)
+        shadows_neg_bottom = (
+            self.drop == RandomDrop.name and args.get("like", NegBottom.name) == NegBottom.name
+        )
+        if self.drop == NegBottom.name or shadows_neg_bottom:
+            args["p"] = self.p
+        return make_rule(str(self.drop), seed=self.seed, min_keep=min_keep, **args)
 
     def _init_callback(self) -> None:
+        if self._rule_pending:  # before super() writes the run metadata, which records the rule
+            self.rule = self._make_rule(
+                self.min_keep if self.min_keep is not None else int(self.model.batch_size)
+            )
+            self._rule_pending = False
         super()._init_callback()
-        if self.rule is None:
-            self.rule = self._build_rule()
         if self._original_shape is None:
             buf = self.model.rollout_buffer
             self._original_shape = BufferShape(buf.buffer_size, buf.n_envs)
 
     def _settings(self) -> dict[str, Any]:
-        rule = self.rule.config() if self.rule is not None else {"drop": str(self.drop), "p": self.p}
-        return {**super()._settings(), "iif_rule": rule}
+        return {**super()._settings(), "iif_rule": self.rule.config()}
 
     # ----------------------------------------------------------------- hooks
     def _on_round_scored(self, records: RecordBatch, scores: RoundScores) -> None:
@@ -217,7 +214,6 @@ class IIFCallback(InfluenceCallback):
                 f"target: IIF filters on one score per record, got scores of shape {tuple(s.shape)}; "
                 "use a single-component target such as 'return'"
             )
-        assert self.rule is not None
         result = self.rule(s)
         self._restore()
         self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
@@ -257,14 +253,7 @@ class IIFCallback(InfluenceCallback):
         if result.note and self.verbose >= 1:
             print(f"[rlattr] IIF round {entry['round']}: {result.note}")
         if self.save_dropped and self.run_dir is not None:
-            _atomic_json(self.run_dir / "rlattr" / "iif" / f"round_{entry['round']:05d}.json", entry)
-
-    def kept_mask(self) -> torch.Tensor | None:
-        """The last round's keep mask ``Tensor[n]`` (record order), or ``None`` before any round."""
-        if not self.filter_history or self.last_records is None:
-            return None
-        dropped = {tuple(i) for i in self.filter_history[-1]["dropped_ids"]}
-        return torch.tensor([tuple(i) not in dropped for i in self.last_records.ids.tolist()])
+            save_json(self.run_dir / "rlattr" / "iif" / f"round_{entry['round']:05d}.json", entry)
 
 
 __all__ = ["BufferShape", "IIFCallback", "compact_rollout_buffer", "restore_rollout_buffer"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,7 +186,9 @@ class TopK(SelectionRule):
 class RandomDrop(SelectionRule):
     """Baseline: drop as many records as ``shadow`` would (or a fraction ``q``), chosen at random.
 
-    Uses its own ``torch.Generator`` seeded with ``seed``; the global RNG is untouched.
+    Uses its own ``torch.Generator`` seeded with ``seed``; the global RNG is untouched. A shadow
+    built with the same ``min_keep`` never drops below it; with ``q``, the base class's ``min_keep``
+    floor applies as for every rule.
     """
 
     name = "random"
@@ -210,16 +213,6 @@ class RandomDrop(SelectionRule):
         keep[torch.randperm(n, generator=self.generator)[:n_drop]] = False
         return keep, math.nan
 
-    def __call__(self, scores: Tensor) -> FilterResult:
-        s = _check_scores(scores)
-        keep, threshold = self._keep(s)
-        floor = min(self.min_keep, s.numel())
-        if int(keep.sum()) < floor:
-            extra = torch.nonzero(~keep).flatten()[: floor - int(keep.sum())]
-            keep[extra] = True
-            return FilterResult(keep, threshold, f"random: raised to min_keep={self.min_keep} records")
-        return FilterResult(keep, threshold)
-
     def config(self) -> dict[str, Any]:
         shadow = self.shadow.config() if self.shadow is not None else None
         return {**super().config(), "shadow": shadow, "q": self.q, "seed": self.seed}
@@ -230,20 +223,45 @@ RULES: dict[str, type[SelectionRule]] = {
 }
 
 
-def make_rule(name: str, **kwargs: Any) -> SelectionRule:
-    """Build a rule by name: ``make_rule("neg-bottom", p=0.125, min_keep=64)``.
+# the one parameter each score-based rule takes (the value goes to the rule's own check); "random"
+# shadows one of them
+RULE_PARAMETER: dict[str, tuple[str, Callable[[Any, int], SelectionRule]]] = {
+    NegBottom.name: ("p", lambda value, min_keep: NegBottom(value, min_keep=min_keep)),
+    BottomFraction.name: ("q", lambda value, min_keep: BottomFraction(value, min_keep=min_keep)),
+    Threshold.name: ("t", lambda value, min_keep: Threshold(value, min_keep=min_keep)),
+    TopK.name: ("k", lambda value, min_keep: TopK(value, min_keep=min_keep)),
+}
 
-    ``make_rule("random", like="neg-bottom", p=0.5, seed=0)`` builds a RandomDrop that shadows the
-    named rule.
+
+def make_rule(
+    drop: str,
+    *,
+    p: float | None = None,
+    q: float | None = None,
+    t: float | None = None,
+    k: int | None = None,
+    seed: int = 0,
+    min_keep: int = 1,
+    like: str = NegBottom.name,
+) -> SelectionRule:
+    """Build a selection rule from arguments; the one factory both adapters call.
+
+    ``drop`` names the rule and takes its one parameter: ``"neg-bottom"`` p, ``"bottom-fraction"`` q,
+    ``"threshold"`` t, ``"top-k"`` k. ``"random"`` is a :class:`RandomDrop` that drops as many
+    records as the rule ``like`` (default ``"neg-bottom"``) built from the same parameter would,
+    from its own generator seeded with ``seed``: ``make_rule("random", p=0.5, seed=0)``.
+    Giving a parameter the rule does not use is an error rather than silently ignored.
     """
-    if name not in RULES:
-        raise RlattrError(f"drop: got {name!r}; supported: {sorted(RULES)}")
-    if name == "random" and "like" in kwargs:
-        like = kwargs.pop("like")
-        seed = kwargs.pop("seed", 0)
-        min_keep = kwargs.get("min_keep", 1)
-        return RandomDrop(make_rule(like, **kwargs), seed=seed, min_keep=min_keep)
-    try:
-        return RULES[name](**kwargs)
-    except TypeError as err:
-        raise RlattrError(f"drop={name!r}: bad arguments {kwargs} ({err})") from err
+    if drop not in RULES:
+        raise RlattrError(f"drop: got {drop!r}; supported: {sorted(RULES)}")
+    base = like if drop == RandomDrop.name else drop
+    if base not in RULE_PARAMETER:
+        raise RlattrError(f"like: got {like!r}; supported: {sorted(RULE_PARAMETER)}")
+    given = {name: value for name, value in (("p", p), ("q", q), ("t", t), ("k", k)) if value is not None}
+    wanted, build = RULE_PARAMETER[base]
+    for name in sorted(set(given) - {wanted}):
+        raise RlattrError(f"{name}: got {given[name]!r}; drop={drop!r} takes only {wanted}")
+    if wanted not in given:
+        raise RlattrError(f"{wanted}: got None; drop={drop!r} needs it")
+    rule = build(given[wanted], min_keep)
+    return RandomDrop(rule, seed=seed, min_keep=min_keep) if drop == RandomDrop.name else rule

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from rlattr.rl.filtering import BottomFraction, NegBottom, RandomDrop, Threshold, TopK, make_rule
+from rlattr.errors import RlattrError
+from rlattr.rl.filtering import (
+    BottomFraction,
+    NegBottom,
+    RandomDrop,
+    SelectionRule,
+    Threshold,
+    TopK,
+    make_rule,
+)
 
 
 def _paper_keep(scores: list[float], p: float) -> list[bool]:
@@ -63,7 +74,10 @@ def test_random_drop_is_seeded_and_respects_min_keep() -> None:
     a = RandomDrop(q=0.5, seed=7)(scores).keep
     b = RandomDrop(q=0.5, seed=7)(scores).keep
     assert torch.equal(a, b) and int(a.sum()) == 20
-    assert RandomDrop(q=1.0, seed=0, min_keep=5)(scores).n_kept == 5
+    floored = RandomDrop(q=1.0, seed=0, min_keep=5)(scores)
+    # the base class's floor, as for every rule: the min_keep best-scored records, with a note
+    assert floored.keep.nonzero().flatten().tolist() == [35, 36, 37, 38, 39]
+    assert "min_keep=5" in floored.note
 
 
 def test_other_rules() -> None:
@@ -76,19 +90,46 @@ def test_other_rules() -> None:
 def test_make_rule_builds_a_shadowing_random_drop() -> None:
     rule = make_rule("random", like="neg-bottom", p=0.5, seed=1, min_keep=2)
     assert isinstance(rule, RandomDrop) and isinstance(rule.shadow, NegBottom)
-    assert rule.shadow.p == 0.5 and rule.min_keep == 2
+    assert rule.shadow.p == 0.5 and rule.min_keep == 2 and rule.shadow.min_keep == 2
+    shadowed = make_rule("random", like="top-k", k=3, seed=4)
+    scores = torch.randn(10, generator=torch.Generator().manual_seed(1))
+    kept = shadowed(scores).keep
+    assert int(kept.sum()) == 3 and torch.equal(kept, RandomDrop(TopK(3), seed=4)(scores).keep)
+
+
+@pytest.mark.parametrize(
+    ("args", "direct"),
+    [
+        ({"drop": "neg-bottom", "p": 0.5}, NegBottom(0.5, min_keep=3)),
+        ({"drop": "bottom-fraction", "q": 0.3}, BottomFraction(0.3, min_keep=3)),
+        ({"drop": "threshold", "t": 0.1}, Threshold(0.1, min_keep=3)),
+        ({"drop": "top-k", "k": 7}, TopK(7, min_keep=3)),
+    ],
+)
+def test_make_rule_matches_the_rule_built_directly(args: dict[str, Any], direct: SelectionRule) -> None:
+    rule = make_rule(**args, min_keep=3)
+    scores = torch.randn(40, generator=torch.Generator().manual_seed(2))
+    assert type(rule) is type(direct) and rule.config() == direct.config()
+    assert torch.equal(rule(scores).keep, direct(scores).keep)
 
 
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: make_rule("nope"), "drop"),
-        (lambda: NegBottom(1.5), "p"),
-        (lambda: NegBottom(0.5, min_keep=0), "min_keep"),
-        (lambda: NegBottom(0.5)(torch.tensor([1.0, math.nan])), "scores"),
-        (lambda: NegBottom(0.5)(torch.tensor([])), "scores"),
+        (
+            lambda: make_rule("nope"),
+            r"drop: got 'nope'; supported: \['bottom-fraction', 'neg-bottom', 'random', 'threshold', 'top-k'\]",
+        ),
+        (lambda: make_rule("neg-bottom"), r"^p: got None; drop='neg-bottom' needs it$"),
+        (lambda: make_rule("top-k", k=3, p=0.5), r"^p: got 0.5; drop='top-k' takes only k$"),
+        (lambda: make_rule("random", like="random", p=0.5), r"^like: got 'random'; supported: \["),
+        (lambda: make_rule("top-k", k=0), r"^k: must be an int >= 1, got 0$"),
+        (lambda: NegBottom(1.5), r"^p: must be a fraction in \[0, 1\], got 1.5$"),
+        (lambda: NegBottom(0.5, min_keep=0), r"^min_keep: must be an int >= 1, got 0$"),
+        (lambda: NegBottom(0.5)(torch.tensor([1.0, math.nan])), r"^scores: contains NaN or inf"),
+        (lambda: NegBottom(0.5)(torch.tensor([])), r"^scores: expected a non-empty Tensor\[n\], got \(0,\)$"),
     ],
 )
-def test_bad_input_is_named(build, match: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=match):
+def test_bad_input_is_named(build: Callable[[], object], match: str) -> None:
+    with pytest.raises(RlattrError, match=match):
         build()

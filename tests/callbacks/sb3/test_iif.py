@@ -18,7 +18,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from rlattr.callbacks import IIFCallback
 from rlattr.callbacks.sb3.iif import compact_rollout_buffer, restore_rollout_buffer
-from rlattr.rl.filtering import NegBottom
+from rlattr.errors import RlattrError
+from rlattr.rl.filtering import NegBottom, make_rule
 
 N_STEPS, N_ENVS, BATCH, EPOCHS = 32, 2, 16, 2
 
@@ -135,6 +136,7 @@ def test_buffer_full_size_again_second_learn_and_save_load(tmp_path: Path) -> No
     model.learn(N_STEPS * N_ENVS, callback=cb, reset_num_timesteps=False)
     assert [h["n_records"] for h in cb.filter_history] == [N_STEPS * N_ENVS] * 3
     assert all(h["n_kept"] >= BATCH for h in cb.filter_history)  # min_keep defaults to batch_size
+    assert cb.rule.min_keep == BATCH
     model.save(tmp_path / "iif.zip")
     loaded = PPO.load(tmp_path / "iif.zip", env=DummyVecEnv(_env_fns()), device="cpu")
     for (name, a), b in zip(
@@ -200,13 +202,41 @@ def test_compaction_keeps_the_masked_records_in_order(dict_obs: bool, flattened_
     assert (buf.buffer_size, buf.n_envs, obs.shape[:2], buf.pos, buf.full) == (4, 3, (4, 3), 0, False)
 
 
+def test_rules_come_from_the_one_factory() -> None:
+    cases = [
+        (IIFCallback(drop="top-k", rule_kwargs={"k": 5}, min_keep=2), make_rule("top-k", k=5, min_keep=2)),
+        (
+            IIFCallback(drop="random", p=0.25, seed=3, min_keep=2),
+            make_rule("random", p=0.25, seed=3, min_keep=2),
+        ),
+        (
+            IIFCallback(drop="random", seed=1, rule_kwargs={"like": "bottom-fraction", "q": 0.3}, min_keep=4),
+            make_rule("random", like="bottom-fraction", q=0.3, seed=1, min_keep=4),
+        ),
+    ]
+    scores = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    for cb, rule in cases:
+        assert cb.rule.config() == rule.config()
+        assert torch.equal(cb.rule(scores).keep, rule(scores).keep)
+
+
 def test_bad_arguments_are_named() -> None:
-    with pytest.raises(ValueError, match="drop"):
+    with pytest.raises(
+        RlattrError, match=r"^drop: got 'worst'; supported: \['bottom-fraction', 'neg-bottom'"
+    ):
         IIFCallback(drop="worst")
-    with pytest.raises(ValueError, match="p"):
+    with pytest.raises(RlattrError, match=r"^p: must be a fraction in \[0, 1\], got 2.0$"):
         IIFCallback(p=2.0)
-    with pytest.raises(ValueError, match="min_keep"):
+    with pytest.raises(
+        RlattrError, match=r"^min_keep: expected an int >= 1 or None \(one minibatch\), got 0$"
+    ):
         IIFCallback(min_keep=0)
+    with pytest.raises(
+        RlattrError, match=r"^rule_kwargs: got \['seed'\]; supported: \['k', 'like', 'q', 't'\]$"
+    ):
+        IIFCallback(drop="top-k", rule_kwargs={"seed": 1})
+    with pytest.raises(RlattrError, match=r"^k: got None; drop='top-k' needs it$"):
+        IIFCallback(drop="top-k")
     buf = _filled_buffer(False)
     with pytest.raises(ValueError, match="keep"):
         compact_rollout_buffer(buf, np.zeros(12, dtype=bool))
