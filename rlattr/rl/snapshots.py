@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from rlattr.core.store import load_json, load_tensors, save_json, save_tensors
+from rlattr.core.store import atomic_write_bytes, load_json, load_tensors, save_json, save_tensors
 from rlattr.errors import MissingError, RunExistsError, StoreError
 from rlattr.rl.attribution import RoundScores
 from rlattr.rl.records import RecordBatch
@@ -198,6 +198,25 @@ class SnapshotWriter:
         self._append_index(line)
         return self._bytes
 
+    def discard_from(self, k: int) -> None:
+        """Forget rounds ``>= k`` (scored after the checkpoint a resumed run restarts from): their
+        folders are deleted and ``rounds.jsonl`` is rewritten once without them."""
+        for j in [j for j in self._scored if j >= k]:
+            self._drop_round(j)
+        self._scored = [j for j in self._scored if j < k]
+        self._n = len(self._scored)
+        index = self.root / ROUND_INDEX
+        if index.is_file():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a torn line is dropped by the rewrite
+                kept = [
+                    e
+                    for e in _read_index(self.root)
+                    if not (isinstance(e.get("round"), int) and e["round"] >= k)
+                ]
+            text = "".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in kept).encode()
+            self._put(index, lambda p: atomic_write_bytes(p, text))
+
     def _append_index(self, line: bytes) -> None:
         path = self.root / ROUND_INDEX
         old = _size(path)
@@ -222,14 +241,17 @@ class SnapshotWriter:
                     self._remove(old / name)
         if self.keep_rounds is not None:
             while len(self._scored) > self.keep_rounds:
-                k = self._scored.pop(0)
-                folder = self.root / round_folder_name(k)
-                for path in [*folder.glob("*"), *self._extra.pop(k, [])]:
-                    if path.is_file():
-                        self._remove(path)
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-                self._full = [f for f in self._full if f != folder]
+                self._drop_round(self._scored.pop(0))
+
+    def _drop_round(self, k: int) -> None:
+        """Delete round ``k``'s folder and the files registered with it (its summary line stays)."""
+        folder = self.root / round_folder_name(k)
+        for path in [*folder.glob("*"), *self._extra.pop(k, [])]:
+            if path.is_file():
+                self._remove(path)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        self._full = [f for f in self._full if f != folder]
 
 
 def _last_byte(path: Path) -> bytes:

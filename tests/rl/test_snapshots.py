@@ -131,3 +131,12 @@ def test_resume_appends_to_the_same_run(tmp_path: Path) -> None:
         run = load_run(tmp_path)
     assert run.rounds == [0, 1, 2] and [s["round"] for s in run.summaries] == [0, 1, 2]
     assert writer.disk_bytes == dir_bytes(tmp_path)
+
+
+def test_discard_from_forgets_the_rounds_after_a_checkpoint(tmp_path: Path) -> None:
+    _write(tmp_path, 4)
+    writer = SnapshotWriter(tmp_path, {}, resume=True)
+    writer.discard_from(2)
+    assert writer.next_round == 2 and writer.disk_bytes == dir_bytes(tmp_path)
+    run = load_run(tmp_path)
+    assert run.rounds == [0, 1] and [s["round"] for s in run.summaries] == [0, 1]
