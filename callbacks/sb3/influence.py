@@ -54,7 +54,7 @@ from rlattr.callbacks.sb3.policy import (
 from rlattr.callbacks.sb3.validation import collect_validation
 from rlattr.errors import RlattrError
 from rlattr.reporting.summary import score_summary
-from rlattr.rl.attribution import RoundScores, score_round
+from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
 from rlattr.rl.records import RecordBatch, RecordId, flatten_observations, index_observations
 from rlattr.rl.snapshots import SnapshotWriter, run_metadata
@@ -292,18 +292,17 @@ class InfluenceCallback(BaseCallback):
         if getattr(self.target, "source", "buffer") == "validation":
             with preserved_rng():
                 validation = collect_validation(model, self.validation_env, self.validation_steps, k)
-        scores = score_round(
+        spec = RoundSpec(
             model.policy,
             self.policy_eval,
             records,
             self.target,
-            config=config,
+            config,
             params=self.param_names,
-            by_group=self.by_group,
             validation=validation,
             minibatch_of=minibatch_of,
-            chunk_size=self.chunk_size,
         )
+        scores = score_round(spec, by_group=self.by_group, chunk_size=self.chunk_size)
         self.last_records, self.last_scores = records, scores
         self.last_probe = self._score_probes(records, config) if self.probe_states is not None else {}
         return scores
@@ -318,15 +317,8 @@ class InfluenceCallback(BaseCallback):
                 obs, act = self.probe_states  # type: ignore[misc]
             self._probe = ActionTarget(obs, act, reduce="none")
         probe = self._probe
-        result = score_round(
-            self.model.policy,
-            self.policy_eval,
-            records,
-            probe,
-            config=config,
-            params=self.param_names,
-            chunk_size=self.chunk_size,
-        )
+        spec = RoundSpec(self.model.policy, self.policy_eval, records, probe, config, params=self.param_names)
+        result = score_round(spec, chunk_size=self.chunk_size)
         params = {n: p.detach() for n, p in self.model.policy.named_parameters()}
         with torch.no_grad():
             logp = self.policy_eval(params, probe.observations, probe.actions).log_prob

@@ -40,7 +40,7 @@ from rlattr.core.task import Batch, Params
 from rlattr.errors import RlattrError
 from rlattr.eval.groundtruth import subset_masks, subset_retraining
 from rlattr.eval.metrics import lds, spearman
-from rlattr.rl.attribution import build_round_task, score_round
+from rlattr.rl.attribution import RoundSpec, build_round_task, score_round
 from rlattr.rl.filtering import NegBottom, RandomDrop
 from rlattr.rl.ppo import PolicyEval, PPOLossConfig
 from rlattr.rl.records import num_observations
@@ -84,6 +84,19 @@ class RoundContext:
         config = self.snapshot.hyper.loss_config()
         return replace(config, advantage_norm="buffer" if config.advantage_norm != "none" else "none")
 
+    def round_spec(self) -> RoundSpec:
+        """The round's attribution problem at the module's current parameters (load theta(k) first)."""
+        assert self.target is not None
+        return RoundSpec(
+            self.model,
+            self.actor_eval,
+            self.snapshot.records,
+            self.target,
+            self.score_config(),
+            params=self.actor_params,
+            validation=self.snapshot.validation,
+        )
+
     def target_value(self, theta: dict[str, Tensor]) -> Tensor:
         """The target at a policy: ``Tensor[1]``."""
         assert self.target is not None
@@ -111,17 +124,8 @@ def params_loaded(model: nn.Module, theta: dict[str, Tensor]) -> Iterator[None]:
 
 def score_grad_dot(ctx: RoundContext) -> Tensor:
     """IIF's single-checkpoint score at theta(k): ``Tensor[n]``."""
-    assert ctx.target is not None
     with params_loaded(ctx.model, ctx.snapshot.theta):
-        result = score_round(
-            ctx.model,
-            ctx.actor_eval,
-            ctx.snapshot.records,
-            ctx.target,
-            config=ctx.score_config(),
-            params=ctx.actor_params,
-            validation=ctx.snapshot.validation,
-        )
+        result = score_round(ctx.round_spec())
     return result.scores.double()
 
 
@@ -155,12 +159,8 @@ def score_influence(ctx: RoundContext, damping_ratio: float = 2.0, max_iter: int
     """Influence function at theta(k) by CG, damping = ``damping_ratio`` x max |eig H|: ``Tensor[n]``."""
     if not damping_ratio > 1.0:
         raise RlattrError(f"damping_ratio: must exceed 1 (H is indefinite), got {damping_ratio!r}")
-    assert ctx.target is not None
     with params_loaded(ctx.model, ctx.snapshot.theta):
-        task, train, query = build_round_task(
-            ctx.model, ctx.actor_eval, ctx.snapshot.records, ctx.target,
-            config=ctx.score_config(), params=ctx.actor_params, validation=ctx.snapshot.validation,
-        )  # fmt: skip
+        task, train, query = build_round_task(ctx.round_spec())
         scale = spectral_radius(ObjectiveHessian(task, train, chunk_size=4096))
         attributor = InfluenceFunction(
             task, strategy="cg", damping=damping_ratio * scale, chunk_size=512, max_iter=max_iter, tol=1e-6
@@ -200,13 +200,9 @@ def score_influence_fisher(ctx: RoundContext, damping_ratio: float = 0.1, max_it
         )
     if not damping_ratio > 0:
         raise RlattrError(f"damping_ratio: must be > 0, got {damping_ratio!r}")
-    assert ctx.target is not None
     output = action_log_probs(ctx.actor_eval, ctx.n_actions)
     with params_loaded(ctx.model, ctx.snapshot.theta):
-        task, train, query = build_round_task(
-            ctx.model, ctx.actor_eval, ctx.snapshot.records, ctx.target,
-            config=ctx.score_config(), params=ctx.actor_params, validation=ctx.snapshot.validation,
-        )  # fmt: skip
+        task, train, query = build_round_task(ctx.round_spec())
         with torch.no_grad():
             train["action_probs"] = output(task.tracked_params(), train).exp()
         fisher = ObjectiveHessian(task, train, chunk_size=4096, output=output, output_loss=fisher_output_loss)
@@ -220,12 +216,8 @@ def score_influence_fisher(ctx: RoundContext, damping_ratio: float = 0.1, max_it
 
 def score_learned_weights(ctx: RoundContext) -> Tensor:
     """Grad-dot with per-layer weights fitted by the label-free top-k objective: ``Tensor[n]``."""
-    assert ctx.target is not None
     with params_loaded(ctx.model, ctx.snapshot.theta):
-        task, train, query = build_round_task(
-            ctx.model, ctx.actor_eval, ctx.snapshot.records, ctx.target,
-            config=ctx.score_config(), params=ctx.actor_params, validation=ctx.snapshot.validation,
-        )  # fmt: skip
+        task, train, query = build_round_task(ctx.round_spec())
         weighted = LearnedWeights(GradDot(task, chunk_size=512)).cache(train).fit(query)
         return weighted.attribute(query)[0].double()
 

@@ -88,41 +88,53 @@ def round_batch(records: RecordBatch, config: PPOLossConfig, minibatch_of: Tenso
     }
 
 
-def build_round_task(
-    model: nn.Module,
-    policy_eval: PolicyEval,
-    records: RecordBatch,
-    target: TargetSpec,
-    *,
-    config: PPOLossConfig,
-    params: ParamSelector = None,
-    groups: GroupSpec = "module",
-    validation: RecordBatch | None = None,
-    minibatch_of: Tensor | None = None,
-) -> tuple[Task, Batch, Batch]:
-    """``(task, train_batch, target_batch)`` for one round.
+@dataclass(frozen=True, eq=False)
+class RoundSpec:
+    """What defines one round's attribution problem: the policy at theta(k), the records, the target.
 
     Args:
         model: the policy module at theta(k); ``params`` selects its tracked parameters.
         policy_eval: ``(params, obs, actions) -> PolicyOutput`` for that module.
-        records: the round's records. target: the target spec. config: the PPO loss settings.
+        records: the round's records.
+        target: what the scores attribute (:mod:`rlattr.rl.targets`).
+        config: the PPO loss settings of the per-record loss.
+        params: the tracked parameters (names, a predicate or ``None`` for all).
+        groups: how the tracked parameters are grouped for per-layer parts.
         validation: validation transitions for a validation-sourced target.
         minibatch_of: ``Tensor[n]`` minibatch labels for ``advantage_norm="minibatch"``.
     """
-    if not isinstance(records, RecordBatch):
-        raise TypeError(f"records: expected a RecordBatch, got {type(records).__name__}")
-    if not isinstance(target, TargetSpec):
-        raise TypeError(f"target: expected a TargetSpec, got {type(target).__name__}")
-    target_fn, target_batch = target.build(policy_eval, records, validation)
+
+    model: nn.Module
+    policy_eval: PolicyEval
+    records: RecordBatch
+    target: TargetSpec
+    config: PPOLossConfig
+    params: ParamSelector = None
+    groups: GroupSpec = "module"
+    validation: RecordBatch | None = None
+    minibatch_of: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.records, RecordBatch):
+            raise TypeError(f"records: expected a RecordBatch, got {type(self.records).__name__}")
+        if not isinstance(self.target, TargetSpec):
+            raise TypeError(f"target: expected a TargetSpec, got {type(self.target).__name__}")
+        if not isinstance(self.config, PPOLossConfig):
+            raise TypeError(f"config: expected a PPOLossConfig, got {type(self.config).__name__}")
+
+
+def build_round_task(spec: RoundSpec) -> tuple[Task, Batch, Batch]:
+    """``(task, train_batch, target_batch)`` for the round ``spec`` describes."""
+    target_fn, target_batch = spec.target.build(spec.policy_eval, spec.records, spec.validation)
     task = Task(
-        model=model,
-        loss=ppo_record_loss(policy_eval, config),
+        model=spec.model,
+        loss=ppo_record_loss(spec.policy_eval, spec.config),
         target=target_fn,
-        target_goal=target.goal,
-        params=params,
-        groups=groups,
+        target_goal=spec.target.goal,
+        params=spec.params,
+        groups=spec.groups,
     )
-    return task, round_batch(records, config, minibatch_of), target_batch
+    return task, round_batch(spec.records, spec.config, spec.minibatch_of), target_batch
 
 
 def score_task(
@@ -149,53 +161,35 @@ def score_task(
 
 
 def score_round(
-    model: nn.Module,
-    policy_eval: PolicyEval,
-    records: RecordBatch,
-    target: TargetSpec,
-    *,
-    config: PPOLossConfig,
-    params: ParamSelector = None,
-    groups: GroupSpec = "module",
-    by_group: bool = False,
-    validation: RecordBatch | None = None,
-    minibatch_of: Tensor | None = None,
-    chunk_size: int = 4096,
-    dedupe: bool = True,
+    spec: RoundSpec, *, by_group: bool = False, chunk_size: int = 4096, dedupe: bool = True
 ) -> RoundScores:
-    """Score every record of ``records`` against ``target`` at the model's current parameters.
+    """Score every record of ``spec.records`` against ``spec.target`` at the model's current parameters.
 
-    ``dedupe`` averages the scores of identical records (:func:`average_duplicates`).
+    ``by_group`` adds per-layer parts; ``dedupe`` averages the scores of identical records
+    (:func:`average_duplicates`, which matters for ``advantage_norm="minibatch"`` only).
     """
+    if not isinstance(spec, RoundSpec):
+        raise TypeError(f"spec: expected a RoundSpec, got {type(spec).__name__}")
     start = time.perf_counter()
-    task, train_batch, target_batch = build_round_task(
-        model,
-        policy_eval,
-        records,
-        target,
-        config=config,
-        params=params,
-        groups=groups,
-        validation=validation,
-        minibatch_of=minibatch_of,
-    )
+    task, train_batch, target_batch = build_round_task(spec)
     scores, grouped = score_task(task, train_batch, target_batch, by_group=by_group, chunk_size=chunk_size)
-    if dedupe and config.advantage_norm == "minibatch":
-        scores = average_duplicates(records, scores)
+    if dedupe and spec.config.advantage_norm == "minibatch":
+        scores = average_duplicates(spec.records, scores)
         if grouped is not None:
-            grouped = average_duplicates(records, grouped.movedim(-1, 0)).movedim(0, -1)
+            grouped = average_duplicates(spec.records, grouped.movedim(-1, 0)).movedim(0, -1)
     return RoundScores(
         scores=scores,
-        ids=records.ids.clone(),
+        ids=spec.records.ids.clone(),
         by_group=grouped,
         group_names=task.group_names if by_group else [],
         seconds=time.perf_counter() - start,
-        target=target.describe(),
+        target=spec.target.describe(),
     )
 
 
 __all__ = [
     "RoundScores",
+    "RoundSpec",
     "average_duplicates",
     "build_round_task",
     "round_batch",

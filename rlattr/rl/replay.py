@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from rlattr.core.grads import directional_scores, target_grads
 from rlattr.core.task import Params
 from rlattr.errors import RlattrError
-from rlattr.rl.attribution import build_round_task
+from rlattr.rl.attribution import RoundSpec, build_round_task
 from rlattr.rl.ppo import SB3_ADV_EPS, PolicyEval, PPOLossConfig
 from rlattr.rl.records import RecordBatch, index_observations
 from rlattr.rl.targets import TargetSpec
@@ -202,15 +202,16 @@ class _TracInAccumulator:
         chunk_size: int,
     ) -> None:
         config = replace(snapshot.hyper.loss_config(), advantage_norm="none")
-        self.task, _, self.target_batch = build_round_task(
+        spec = RoundSpec(
             model,
             actor_eval,
             snapshot.records,
             target,
-            config=config,
+            config,
             params=actor_params,
             validation=snapshot.validation,
         )
+        self.task, _, self.target_batch = build_round_task(spec)
         self.scores = torch.zeros(len(snapshot.records), dtype=torch.float64)
         self.chunk_size = chunk_size
 

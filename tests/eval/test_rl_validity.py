@@ -25,7 +25,6 @@ from rlattr.eval.rl_validity import (
 from rlattr.rl.attribution import build_round_task
 from rlattr.rl.filtering import NegBottom
 from rlattr.rl.replay import max_abs_diff
-from rlattr.rl.targets import ReturnTarget
 from tests.rl.test_replay import DISCRETE, recorded
 
 torch.set_num_threads(1)
@@ -111,9 +110,7 @@ def test_fisher_curvature_is_the_policy_fisher(ctx: RoundContext) -> None:
     g_ic = grad log pi(c|s_i) by plain autograd through the policy module."""
     rec = ctx.snapshot.records
     with params_loaded(ctx.model, ctx.snapshot.theta):
-        task, train, _ = build_round_task(
-            ctx.model, ctx.actor_eval, rec, ReturnTarget(), config=ctx.score_config(), params=ctx.actor_params
-        )
+        task, train, _ = build_round_task(ctx.round_spec())
         output = action_log_probs(ctx.actor_eval, 3)
         train["action_probs"] = output(task.tracked_params(), train).exp().detach()
         hessian = ObjectiveHessian(task, train, output=output, output_loss=fisher_output_loss)

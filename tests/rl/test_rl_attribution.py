@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rlattr.rl.attribution import score_round
+from rlattr.rl.attribution import RoundSpec, score_round
 from rlattr.rl.ppo import PolicyOutput, PPOLossConfig
 from rlattr.rl.records import RecordBatch
 from rlattr.rl.targets import ActionTarget, CustomTarget, ReturnTarget, make_target
@@ -78,7 +78,9 @@ def test_return_target_scores_equal_loop(ent_coef: float) -> None:
     model, rec = make_round()
     names = ["body.0.weight", "body.0.bias", "head.weight", "head.bias"]
     cfg = PPOLossConfig(ent_coef=ent_coef, advantage_norm="buffer")
-    got = score_round(model, make_eval(model), rec, ReturnTarget(), config=cfg, params=names, by_group=True)
+    got = score_round(
+        RoundSpec(model, make_eval(model), rec, ReturnTarget(), cfg, params=names), by_group=True
+    )
     a = rec.advantages
     norm = (a - a.mean()) / (a.std() + 1e-8)
 
@@ -97,7 +99,7 @@ def test_action_target_per_pair_gives_m_rows() -> None:
     obs, act = rec.observations[:3] + 0.5, torch.tensor([0, 1, 3])
     spec = ActionTarget(obs, act, reduce="none")
     cfg = PPOLossConfig(advantage_norm="none")
-    got = score_round(model, make_eval(model), rec, spec, config=cfg, params=names)
+    got = score_round(RoundSpec(model, make_eval(model), rec, spec, cfg, params=names))
     assert got.scores.shape == (3, 12)
     for j in range(3):
         ref = loop_reference(
@@ -116,8 +118,8 @@ def test_lower_goal_flips_sign() -> None:
     cfg = PPOLossConfig(advantage_norm="none")
     up = CustomTarget(lambda ev, p, b: ev(p, b["observations"], b["actions"]).log_prob.mean())
     down = CustomTarget(lambda ev, p, b: ev(p, b["observations"], b["actions"]).log_prob.mean(), goal="lower")
-    s_up = score_round(model, make_eval(model), rec, up, config=cfg, params=["head.weight"]).scores
-    s_down = score_round(model, make_eval(model), rec, down, config=cfg, params=["head.weight"]).scores
+    s_up = score_round(RoundSpec(model, make_eval(model), rec, up, cfg, params=["head.weight"])).scores
+    s_down = score_round(RoundSpec(model, make_eval(model), rec, down, cfg, params=["head.weight"])).scores
     torch.testing.assert_close(s_up, -s_down)
 
 
@@ -130,7 +132,11 @@ def test_target_errors_name_the_argument() -> None:
         ActionTarget(torch.zeros(2, 3), torch.zeros(2), reduce="sum")
     model, rec = make_round()
     with pytest.raises(ValueError, match="validation"):
-        score_round(model, make_eval(model), rec, ReturnTarget("validation"), config=PPOLossConfig())
+        score_round(RoundSpec(model, make_eval(model), rec, ReturnTarget("validation"), PPOLossConfig()))
+    with pytest.raises(TypeError, match="^records: expected a RecordBatch, got dict$"):
+        RoundSpec(model, make_eval(model), rec.to_tensors(), ReturnTarget(), PPOLossConfig())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^config: expected a PPOLossConfig, got dict$"):
+        RoundSpec(model, make_eval(model), rec, ReturnTarget(), {"clip_range": 0.2})  # type: ignore[arg-type]
 
 
 def test_duplicates_are_averaged() -> None:

@@ -16,7 +16,7 @@ from stable_baselines3.common.env_util import make_vec_env
 import rlattr.callbacks.sb3.policy as sb3_policy
 from rlattr.callbacks.sb3.influence import InfluenceCallback
 from rlattr.callbacks.sb3.policy import SB3PolicyEval
-from rlattr.rl.attribution import score_round
+from rlattr.rl.attribution import RoundSpec, score_round
 from rlattr.rl.records import index_observations
 from rlattr.rl.targets import ReturnTarget
 from tests.callbacks.sb3.envs import SMALL_NET, TinyCNN, ToyEnv
@@ -69,8 +69,10 @@ def _float64_inputs():
     return stack
 
 
-def brute_force(policy, records, config, names, labels=None) -> torch.Tensor:
-    """Per record: autograd of its PPO loss at theta(k), dotted with the autograd target gradient."""
+def brute_force(policy, records, config, names, labels=None, target_records=None) -> torch.Tensor:
+    """Per record: autograd of its PPO loss at theta(k), dotted with the autograd target gradient.
+
+    The target is ``mean_j log pi(a_j|s_j) A_j`` over ``target_records`` (default: ``records``)."""
     pol = copy.deepcopy(policy).double()
     params = dict(pol.named_parameters())
     tracked = [params[n] for n in names]
@@ -83,9 +85,11 @@ def brute_force(policy, records, config, names, labels=None) -> torch.Tensor:
         for label in labels.unique():
             m = labels == label
             adv[m] = (adv_raw[m] - adv_raw[m].mean()) / (adv_raw[m].std() + 1e-8)
+    on = records if target_records is None else target_records
+    on_acts = on.actions.long().flatten() if discrete else on.actions.double()
     with _float64_inputs():
-        _, logp_all, _ = pol.evaluate_actions(records.observations, acts)
-        target = (logp_all * adv_raw).mean()
+        _, logp_all, _ = pol.evaluate_actions(on.observations, on_acts)
+        target = (logp_all * on.advantages.double()).mean()
         g_target = torch.autograd.grad(target, tracked, allow_unused=True)
         out = []
         for i in range(len(records)):
@@ -170,15 +174,16 @@ def test_scores_match_float64_brute_force(case: str, params: str, norm: str) -> 
     # the same pipeline on a float64 copy of theta(k) matches to float64 precision
     pol64 = copy.deepcopy(last["policy"]).double()
     with _float64_inputs():
-        exact = score_round(
+        spec = RoundSpec(
             pol64,
             SB3PolicyEval(pol64, with_values=params == "all", action_dtype=torch.float64),
             last["records"],
             ReturnTarget(),
-            config=last["config"],
+            last["config"],
             params=cb.param_names,
             minibatch_of=last["labels"] if norm == "minibatch" else None,
         )
+        exact = score_round(spec)
     torch.testing.assert_close(exact.scores.double(), ref, rtol=1e-4, atol=1e-7 * float(scale))
 
 
@@ -314,24 +319,37 @@ def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
 
 
 def test_validation_target_leaves_ppo_unchanged_and_scores_against_validation_data() -> None:
+    import rlattr.callbacks.sb3.influence as influence_module
     from rlattr.callbacks.sb3.validation import collect_validation
 
     val_env = make_vec_env("CartPole-v1", n_envs=1, seed=9)
-    holder: dict = {}
+    holder: dict = {"validation": []}
 
     def make() -> InfluenceCallback:
-        holder["cb"] = InfluenceCallback(
-            target=ReturnTarget("validation"), validation_env=val_env, validation_steps=16
-        )
+        holder["cb"] = Capture(target=ReturnTarget("validation"), validation_env=val_env, validation_steps=16)
         return holder["cb"]
 
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(_final_params(None).values(), _final_params(make).values(), strict=True)
-    )
+    def collect(*args, **kwargs):  # the batch the callback scored against, kept for the oracle
+        batch = collect_validation(*args, **kwargs)
+        holder["validation"].append(batch)
+        return batch
+
+    plain = _final_params(None)
+    with mock.patch.object(influence_module, "collect_validation", collect):
+        with_cb = _final_params(make)
+    assert all(torch.equal(plain[k], with_cb[k]) for k in plain)
     cb = holder["cb"]
     assert cb.last_scores.target == {"name": "return", "goal": "raise", "source": "validation"}
-    # the same pipeline, fed a validation batch by hand, gives finite scores of the right shape
+    assert len(holder["validation"]) == len(cb.captured) == 3
+    for last, val in zip(cb.captured, holder["validation"], strict=True):
+        assert len(val) == 16 and not torch.equal(val.observations, last["records"].observations[:16])
+        ref = brute_force(last["policy"], last["records"], last["config"], cb.param_names, target_records=val)
+        on_buffer = brute_force(last["policy"], last["records"], last["config"], cb.param_names)
+        got = last["scores"].scores.double()
+        scale = float(ref.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * scale)
+        assert float((got - on_buffer).abs().max()) > 1e-2 * scale  # not the buffer-sourced target
     val = collect_validation(cb.model, make_vec_env("CartPole-v1", n_envs=1, seed=9), 8, 0)
     assert len(val) == 8 and val.id_list()[3] == (0, 3, 0)
     with pytest.raises(TypeError, match="validation_env: expected a stable_baselines3 VecEnv"):

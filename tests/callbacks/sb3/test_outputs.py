@@ -113,33 +113,47 @@ def test_load_run_errors(tmp_path) -> None:
         rlattr.load_run(tmp_path)
 
 
-def test_probe_scores_are_action_target_scores(tmp_path) -> None:
-    from rlattr.rl.attribution import score_round
-    from rlattr.rl.targets import ActionTarget
+def _probe_oracle(policy, records, config, names, obs, act) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores Tensor[m, n], logp Tensor[m])`` by autograd through SB3's own ``evaluate_actions``:
+    ``scores[j, i] = <grad log pi(a_j|s_j), -grad L_PPO(z_i)>`` with buffer-normalised advantages."""
+    assert config.advantage_norm == "buffer"
+    tracked = [dict(policy.named_parameters())[n] for n in names]
+    adv = records.advantages
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    acts = records.actions.long().flatten()
+    record_grads = []
+    for i in range(len(records)):
+        _, logp, ent = policy.evaluate_actions(records.observations[i : i + 1], acts[i : i + 1])
+        ratio = torch.exp(logp - records.old_log_prob[i])
+        c = config.clip_range
+        loss = -torch.min(adv[i] * ratio, adv[i] * torch.clamp(ratio, 1 - c, 1 + c)) - config.ent_coef * ent
+        record_grads.append(torch.autograd.grad(loss.sum(), tracked))
+    scores, logps = [], []
+    for j in range(len(act)):
+        _, logp, _ = policy.evaluate_actions(obs[j : j + 1], act[j : j + 1].long().flatten())
+        g_f = torch.autograd.grad(logp.sum(), tracked)
+        scores.append([-sum(float((a * b).sum()) for a, b in zip(g_f, g, strict=True)) for g in record_grads])
+        logps.append(float(logp.detach()))
+    return torch.tensor(scores), torch.tensor(logps)
 
+
+def test_probe_scores_are_action_target_scores(tmp_path) -> None:
     _, cb = _learn(tmp_path, rounds=2, probe_states=3)
     run = rlattr.load_run(cb.run_dir)
     first = run.score_tensors(0)
     obs, act = first["probe_observations"], first["probe_actions"]
     assert torch.equal(obs, run.records(0).observations[torch.tensor([0, 15, 31])])
-    # round 1's probe scores equal an ActionTarget(reduce="none") scoring at theta(1)
+    # round 1's probes against autograd through SB3's own policy at theta(1), one record at a time
     last = run.score_tensors(1)
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     policy = PPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs=SMALL_NET).policy
     policy.load_state_dict(run.theta(1))
-    from rlattr.callbacks.sb3.policy import SB3PolicyEval
-
-    ref = score_round(
-        policy,
-        SB3PolicyEval(policy),
-        run.records(1),
-        ActionTarget(obs, act, reduce="none"),
-        config=cb.loss_config(),
-        params=cb.param_names,
-    )
-    torch.testing.assert_close(last["probe_scores"], ref.scores, rtol=1e-5, atol=1e-6)
-    assert last["probe_logp"].shape == (3,) and (last["probe_logp"] < 0).all()
-    assert run.summaries[1]["probe_net"] == pytest.approx(ref.scores.sum(1).tolist(), rel=1e-4, abs=1e-5)
+    ref, logp = _probe_oracle(policy, run.records(1), cb.loss_config(), cb.param_names, obs, act)
+    assert last["probe_scores"].shape == (3, 32)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(last["probe_scores"].double(), ref.double(), rtol=1e-3, atol=1e-4 * scale)
+    torch.testing.assert_close(last["probe_logp"], logp, rtol=1e-5, atol=1e-6)
+    assert run.summaries[1]["probe_net"] == pytest.approx(ref.sum(1).tolist(), rel=1e-3, abs=1e-3 * scale)
 
 
 def test_second_learn_call_continues_the_run(tmp_path) -> None:
