@@ -18,9 +18,11 @@ from torch import Tensor
 from rlattr.core.store import atomic_write_bytes
 from rlattr.errors import RlattrError, check_int
 from rlattr.reporting.plots import save, score_distributions, score_vs_advantage, summary_curves
+from rlattr.reporting.rlhf import write_rlhf_report
 from rlattr.reporting.summary import html_table, summary_value, top_bottom
 from rlattr.reporting.tensorboard import RECORD_HEADER, record_rows
 from rlattr.reporting.validity import validity_section
+from rlattr.rl.pair_runs import PairRun
 from rlattr.rl.records import format_id
 from rlattr.rl.snapshots import AttributionRun, load_run
 
@@ -111,6 +113,8 @@ def write_report(
         )
     out_dir = Path(out) if out is not None else run.root.parent / "report"
     try:
+        if isinstance(run, PairRun):  # an RLHF run written by the TRL hook: a page of its own
+            return write_rlhf_report(run, list(readable), broken, out_dir, recent=recent, top_k=top_k)
         return _write_page(run, readable, broken, out_dir, recent, top_k)
     except OSError as err:
         raise RlattrError(

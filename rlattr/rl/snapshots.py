@@ -391,6 +391,10 @@ def load_run(path: str | Path) -> AttributionRun:
     rounds, stray = _scored_rounds(root)
     if stray:
         _warn(f"path: ignored {len(stray)} entries that are not round folders: {stray[:5]}")
+    if meta.get("kind") == "rlhf":  # written by the TRL hook: one round per generation batch
+        from rlattr.rl.pair_runs import PairRun
+
+        return PairRun(root=root, meta=meta, summaries=_read_index(root), rounds=rounds)
     return AttributionRun(root=root, meta=meta, summaries=_read_index(root), rounds=rounds)
 
 
