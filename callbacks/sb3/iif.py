@@ -27,7 +27,6 @@ import numpy as np
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 
 from rlattr.callbacks.sb3.influence import InfluenceCallback
-from rlattr.core.store import save_json
 from rlattr.errors import RlattrError
 from rlattr.rl.attribution import RoundScores
 from rlattr.rl.filtering import FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
@@ -168,6 +167,8 @@ class IIFCallback(InfluenceCallback):
         unknown = sorted(set(rule_kwargs or {}) - set(RULE_KWARGS))
         if unknown:
             raise RlattrError(f"rule_kwargs: got {unknown}; supported: {list(RULE_KWARGS)}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise RlattrError(f"seed: expected an integer, got {seed!r}")
         if min_keep is not None and (
             not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1
         ):
@@ -216,7 +217,9 @@ class IIFCallback(InfluenceCallback):
             )
         result = self.rule(s)
         self._restore()
-        self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
+        # a rule that keeps every record leaves the buffer, and so PPO's update, exactly as they were
+        if not bool(result.keep.all()):
+            self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
         self._log_filter(records, result)
 
     def _on_rollout_start(self) -> None:
@@ -252,8 +255,12 @@ class IIFCallback(InfluenceCallback):
             self.logger.record("attr/drop_threshold", result.threshold)
         if result.note and self.verbose >= 1:
             print(f"[rlattr] IIF round {entry['round']}: {result.note}")
-        if self.save_dropped and self.run_dir is not None:
-            save_json(self.run_dir / "rlattr" / "iif" / f"round_{entry['round']:05d}.json", entry)
+        if self.save_dropped and self._snapshots is not None and "snapshots" not in self._outputs_off:
+            k = records.round_index
+            try:
+                self._snapshots.write_json(f"iif/round_{k:05d}.json", entry, round_index=k)
+            except OSError as err:
+                self._stop_output("snapshots", err)
 
 
 __all__ = ["BufferShape", "IIFCallback", "compact_rollout_buffer", "restore_rollout_buffer"]

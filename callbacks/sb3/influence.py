@@ -28,6 +28,7 @@ kept as ``self.last_records`` / ``self.last_scores``; ``self.round_scores()`` gi
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from contextlib import contextmanager
@@ -52,7 +53,7 @@ from rlattr.callbacks.sb3.policy import (
     tracked_param_names,
 )
 from rlattr.callbacks.sb3.validation import collect_validation
-from rlattr.errors import RlattrError
+from rlattr.errors import RlattrError, check_int
 from rlattr.reporting.summary import score_summary
 from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
@@ -84,6 +85,24 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         )
 
 
+def check_finite(records: RecordBatch) -> None:
+    """Name non-finite rewards (or advantages, values) of a round before they reach the gradients."""
+    k = records.round_index
+    n_bad = int((~torch.isfinite(records.rewards)).sum())
+    if n_bad:
+        raise RlattrError(
+            f"rewards: round {k} holds {n_bad} non-finite reward(s) (NaN or inf) from the environment, so "
+            "its advantages are not finite either; fix or clip the rewards (e.g. a gymnasium wrapper)"
+        )
+    for name in ("advantages", "values", "returns"):
+        n_bad = int((~torch.isfinite(getattr(records, name))).sum())
+        if n_bad:
+            raise RlattrError(
+                f"{name}: round {k} holds {n_bad} non-finite {name} (NaN or inf) although the rewards are "
+                "finite: the value network diverged (lower the learning rate or clip gradients)"
+            )
+
+
 class InfluenceCallback(BaseCallback):
     """Score every record of every PPO round against a target.
 
@@ -103,6 +122,8 @@ class InfluenceCallback(BaseCallback):
             folder when ``tensorboard_log`` is set, otherwise nothing is written to disk.
         snapshot_every: keep the full snapshot (records, theta) of every k-th scored round.
         keep_last: keep at most this many full snapshots (older ones are pruned to their scores).
+        keep_rounds: keep the folders (scores included) of at most this many recent scored rounds;
+            older ones are deleted, their summaries stay in ``rounds.jsonl`` (``None``: keep all).
         tensorboard: write ``attr/*`` TensorBoard events.
         image_every: log the score-vs-advantage image every this many scored rounds.
         validation_env: a separate VecEnv for ``ReturnTarget(source="validation")``.
@@ -130,6 +151,7 @@ class InfluenceCallback(BaseCallback):
         log_dir: str | Path | None = None,
         snapshot_every: int = 1,
         keep_last: int | None = None,
+        keep_rounds: int | None = None,
         tensorboard: bool = True,
         image_every: int = 10,
         validation_env: Any = None,
@@ -145,6 +167,9 @@ class InfluenceCallback(BaseCallback):
         for name, value in (("image_every", image_every), ("validation_steps", validation_steps)):
             _positive_int(name, value)
         _positive_int("keep_last", keep_last, allow_none=True)
+        check_int("keep_rounds", keep_rounds, allow_none=True)
+        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
+            raise RlattrError(f"log_dir: expected a path (str or os.PathLike) or None, got {log_dir!r}")
         _positive_int("chunk_size", chunk_size)
         if params not in PARAM_SETS:
             raise RlattrError(f"params: got {params!r}; supported: {PARAM_SETS}")
@@ -164,6 +189,7 @@ class InfluenceCallback(BaseCallback):
             image_every,
         )
         self.snapshot_every, self.keep_last, self.chunk_size = snapshot_every, keep_last, chunk_size
+        self.keep_rounds = keep_rounds
         self.validation_env, self.validation_steps = validation_env, validation_steps
         if isinstance(probe_states, int):
             _positive_int("probe_states", probe_states)
@@ -182,12 +208,26 @@ class InfluenceCallback(BaseCallback):
         self.run_dir: Path | None = None
         self._writer: Any = None
         self._snapshots: SnapshotWriter | None = None
+        self._bound_model: Any = None
+        self._resume_round: int | None = None
+        self._outputs_off: set[str] = set()
 
     # ----------------------------------------------------------------- setup
     def _init_callback(self) -> None:
         check_model(self.model)
+        if self._bound_model is not None and self._bound_model is not self.model:
+            raise RlattrError(
+                f"callback: this {type(self).__name__} already recorded a run of another model; "
+                "make a new callback for each model"
+            )
+        self._bound_model = self.model
         policy = self.model.policy
         self.param_names = tracked_param_names(policy, self.params)
+        if not self.param_names:
+            raise RlattrError(
+                f"params: no trainable {self.params} parameter (every one has requires_grad=False), so "
+                "there is no gradient to score; unfreeze some (or pass params='all')"
+            )
         self.policy_eval = SB3PolicyEval(policy, with_values=self.params == "all")
         # torch loads its forward-mode AD decompositions on the first jvp of a process (~0.5-1 s):
         # pay it here, at training start, rather than inside round 0's timing.
@@ -212,8 +252,15 @@ class InfluenceCallback(BaseCallback):
                 tracked_params=self.param_names,
             )
             self._snapshots = SnapshotWriter(
-                self.run_dir / "rlattr", meta, every=self.snapshot_every, keep_last=self.keep_last
+                self.run_dir / "rlattr",
+                meta,
+                every=self.snapshot_every,
+                keep_last=self.keep_last,
+                keep_rounds=self.keep_rounds,
+                resume=self._resume_round is not None,
             )
+            if self._resume_round is not None:
+                self._snapshots.discard_from(self._resume_round)
             if self.tensorboard:
                 from rlattr.reporting.tensorboard import AttrWriter
 
@@ -235,6 +282,7 @@ class InfluenceCallback(BaseCallback):
             "by_group": self.by_group,
             "snapshot_every": self.snapshot_every,
             "keep_last": self.keep_last,
+            "keep_rounds": self.keep_rounds,
             "chunk_size": self.chunk_size,
         }
 
@@ -255,8 +303,39 @@ class InfluenceCallback(BaseCallback):
         """Hook for subclasses: called after scoring, before SB3's ``train()`` (no-op here)."""
 
     def _on_training_end(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        if self._writer is not None and "TensorBoard events" not in self._outputs_off:
+            try:
+                self._writer.flush()
+            except OSError as err:
+                self._stop_output("TensorBoard events", err)
+
+    def resume_at(self, round_index: int) -> None:
+        """Continue the run already in ``log_dir`` at ``round_index`` (``rlattr train --resume``):
+        rounds from there on are discarded from the run folder and scored again."""
+        check_int("round_index", round_index, low=0)
+        self._resume_round = self.round = round_index
+
+    def _stop_output(self, what: str, err: OSError) -> None:
+        """A full disk or a read-only folder: warn once, stop writing ``what``, keep training."""
+        if what not in self._outputs_off:
+            warnings.warn(
+                f"{type(self).__name__}: {err} while writing {what} into {str(self.run_dir)!r}; {what} stop "
+                "here (the scores stay in callback.history) and training goes on",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._outputs_off.add(what)
+
+    def _check_buffer(self, k: int) -> None:
+        """Refuse a buffer another callback has already reshaped (IIF compacts it in place)."""
+        buf, model = self.model.rollout_buffer, self.model
+        if (buf.buffer_size, buf.n_envs) != (model.n_steps, model.n_envs):
+            raise RlattrError(
+                f"rollout_buffer: shape ({buf.buffer_size}, {buf.n_envs}) in round {k}, expected "
+                f"({model.n_steps}, {model.n_envs}): another callback (IIFCallback?) compacted it before "
+                "this one ran; put InfluenceCallback first in the CallbackList, or use IIFCallback alone "
+                "(it scores every record itself)"
+            )
 
     # ----------------------------------------------------------------- public API
     @property
@@ -283,7 +362,9 @@ class InfluenceCallback(BaseCallback):
         """Copy the buffer into ``self.last_records`` and score it; returns the round's scores."""
         k = self.round - 1 if round_index is None else round_index
         model = self.model
+        self._check_buffer(k)
         records = records_from_buffer(model.rollout_buffer, k)
+        check_finite(records)
         config = self.loss_config()
         minibatch_of = None
         if config.advantage_norm == "minibatch":
@@ -360,13 +441,19 @@ class InfluenceCallback(BaseCallback):
         if self.last_probe:
             summary["probe_net"] = self.last_probe["probe_scores"].sum(1).tolist()
             summary["probe_logp"] = self.last_probe["probe_logp"].tolist()
-        if self._snapshots is not None:
-            summary["disk_bytes"] = self._write_snapshot(records, scores, summary)
-        if self._writer is not None:
+        if self._snapshots is not None and "snapshots" not in self._outputs_off:
+            try:
+                summary["disk_bytes"] = self._write_snapshot(records, scores, summary)
+            except OSError as err:
+                self._stop_output("snapshots", err)
+        if self._writer is not None and "TensorBoard events" not in self._outputs_off:
             image = self.n_scored % self.image_every == 0
-            self._writer.log_round(
-                self.model.num_timesteps, records, scores, summary, self.top_k, image=image
-            )
+            try:
+                self._writer.log_round(
+                    self.model.num_timesteps, records, scores, summary, self.top_k, image=image
+                )
+            except OSError as err:
+                self._stop_output("TensorBoard events", err)
         self.history.append(summary)
         self.n_scored += 1
         if self.verbose >= 1:

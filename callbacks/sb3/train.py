@@ -24,7 +24,7 @@ from rlattr.callbacks.sb3.config import ConfigError, TrainConfig
 from rlattr.callbacks.sb3.influence import InfluenceCallback
 from rlattr.core.store import atomic_write_bytes, save_json
 from rlattr.errors import RunExistsError
-from rlattr.rl.snapshots import versions
+from rlattr.provenance import provenance
 
 # Set by the runner itself, so not accepted in the ppo section.
 _PPO_RESERVED = ("policy", "env", "seed", "tensorboard_log", "_init_setup_model")
@@ -118,7 +118,7 @@ def train(config: TrainConfig, *, progress_bar: bool = True, argv: list[str] | N
         run_dir / "run_info.json",
         {
             "seed": config.seed,
-            "versions": versions(),
+            "versions": provenance(),
             "argv": argv if argv is not None else sys.argv,
             "train_seconds": seconds,
             "attribution_seconds": attr_seconds,

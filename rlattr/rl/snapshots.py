@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
-import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from torch import Tensor
 
 from rlattr.core.store import atomic_write_bytes, load_json, load_tensors, save_json, save_tensors
 from rlattr.errors import MissingError, RunExistsError, StoreError
+from rlattr.provenance import provenance
 from rlattr.rl.attribution import RoundScores
 from rlattr.rl.records import RecordBatch
 
@@ -36,35 +35,9 @@ ROUND_INDEX = "rounds.jsonl"
 _ROUND_DIR = re.compile(r"round_(\d{5,9})")
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the libraries that shape the numbers (and the rlattr git commit, if any)."""
-    import importlib.metadata as md
-
-    import rlattr
-
-    out: dict[str, str | None] = {"rlattr": rlattr.__version__, "python": platform.python_version()}
-    for pkg in ("torch", "numpy", "stable-baselines3", "gymnasium", "trl", "transformers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    out["git_commit"] = _git_commit()
-    return out
-
-
 def run_metadata(**fields: Any) -> dict[str, Any]:
-    """The run's metadata document: the given fields plus format and versions."""
-    return {"snapshot_format": SNAPSHOT_FORMAT, "versions": versions(), **fields}
+    """The run's metadata document: the given fields plus format and versions (:func:`rlattr.provenance.provenance`)."""
+    return {"snapshot_format": SNAPSHOT_FORMAT, "versions": provenance(), **fields}
 
 
 def dir_bytes(path: Path) -> int:
