@@ -36,7 +36,7 @@ _ROUND_DIR = re.compile(r"round_(\d{5,9})")
 
 
 def run_metadata(**fields: Any) -> dict[str, Any]:
-    """The run's metadata document: the given fields plus format and versions (:func:`rlattr.provenance.provenance`)."""
+    """The run's metadata document: the given fields, the format and :func:`rlattr.provenance.provenance`."""
     return {"snapshot_format": SNAPSHOT_FORMAT, "versions": provenance(), **fields}
 
 
@@ -371,4 +371,4 @@ def load_run(path: str | Path) -> AttributionRun:
     return AttributionRun(root=root, meta=meta, summaries=_read_index(root), rounds=rounds)
 
 
-__all__ = ["AttributionRun", "SnapshotWriter", "dir_bytes", "load_run", "run_metadata", "versions"]
+__all__ = ["AttributionRun", "SnapshotWriter", "dir_bytes", "load_run", "run_metadata"]
