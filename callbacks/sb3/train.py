@@ -102,7 +102,7 @@ def train(config: TrainConfig, *, progress_bar: bool = True, argv: list[str] | N
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     save_json(
         run_dir / "run_info.json",
-        {"seed": config.seed, "versions": versions(), "argv": argv if argv is not None else sys.argv},
+        {"seed": config.seed, "versions": provenance(), "argv": argv if argv is not None else sys.argv},
     )
     model = build_model(config, run_dir)
     callback = InfluenceCallback(log_dir=run_dir, **config.callback)
