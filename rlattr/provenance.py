@@ -40,9 +40,19 @@ def rlattr_git() -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
+def workdir_git(cwd: Path | None = None) -> dict[str, Any]:
+    """``{"workdir_git_commit": sha | None, "workdir_git_dirty": bool | None}`` of the git checkout
+    that holds the working directory (the user's project, which may not be rlattr's checkout)."""
+    where = Path.cwd() if cwd is None else cwd
+    commit = _git("rev-parse", "HEAD", cwd=where) or None
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=where) if commit else None
+    return {"workdir_git_commit": commit, "workdir_git_dirty": None if status is None else bool(status)}
+
+
 def provenance() -> dict[str, Any]:
     """Versions of rlattr, python and :data:`PACKAGES`, rlattr's git commit (and whether its sources
-    differ from it), the platform, the machine and the command line."""
+    differ from it), the git commit of the working directory's checkout (the user's code, kept apart
+    from rlattr's own), the platform, the machine and the command line."""
     import rlattr
 
     out: dict[str, Any] = {"rlattr": rlattr.__version__, "python": platform.python_version()}
@@ -52,10 +62,11 @@ def provenance() -> dict[str, Any]:
         except md.PackageNotFoundError:
             out[pkg] = None
     out.update(rlattr_git())
+    out.update(workdir_git())
     out["platform"] = platform.platform()
     out["machine"] = platform.machine()
     out["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     return out
 
 
-__all__ = ["PACKAGES", "provenance", "rlattr_git"]
+__all__ = ["PACKAGES", "provenance", "rlattr_git", "workdir_git"]
