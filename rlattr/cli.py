@@ -17,17 +17,11 @@ def _cmd_demo_digits(args: argparse.Namespace) -> int:
 
 def _load_train_config(config: str, overrides: dict[str, Any]) -> Any:
     """A TrainConfig from a YAML file or a shipped config's name, with command-line overrides."""
-    import yaml
-
-    from rlattr.callbacks.sb3.config import config_from_dict
+    from rlattr.callbacks.sb3.config import config_from_dict, parse_yaml
     from rlattr.configs import check_not_study_config, resolve
-    from rlattr.errors import ConfigError
 
     source, text = resolve(config)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    data = parse_yaml(text, source)  # duplicate keys refused, 1e5 read as a number
     check_not_study_config(data, source)
     if isinstance(data, dict):
         data = {**data, **overrides}
@@ -35,8 +29,23 @@ def _load_train_config(config: str, overrides: dict[str, Any]) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from rlattr.errors import RlattrError
+
     names = {"runs_dir": args.runs_dir, "seed": args.seed, "total_timesteps": args.total_timesteps}
-    config = _load_train_config(args.config, {k: v for k, v in names.items() if v is not None})
+    overrides = {k: v for k, v in names.items() if v is not None}
+    if args.resume is not None:
+        if args.config is not None or overrides:
+            raise RlattrError(
+                "resume: got --resume with a config or overrides; a resumed run keeps its config.yaml"
+            )
+        from rlattr.callbacks.sb3.train import resume
+
+        run_dir = resume(args.resume, progress_bar=not args.no_progress)
+        print(f"run folder (resumed): {run_dir}\n  rlattr report {run_dir}")
+        return 0
+    if args.config is None:
+        raise RlattrError("config: missing; give a YAML file or a shipped config name, or --resume RUN")
+    config = _load_train_config(args.config, overrides)
     from rlattr.callbacks.sb3.train import train
 
     run_dir = train(config, progress_bar=not args.no_progress)
@@ -102,8 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = _sub(sub, "train", "PPO + InfluenceCallback from a YAML config", _cmd_train)
     train.add_argument(
         "config",
+        nargs="?",
+        default=None,
         help="a YAML file, or the name of a shipped config (cartpole, lunarlander); "
         "`rlattr init-config NAME` writes one to edit",
+    )
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN",
+        help="continue the killed run in folder RUN from its last checkpoint (no config then)",
     )
     train.add_argument("--runs-dir", default=None, help="override the config's runs_dir")
     train.add_argument("--seed", type=int, default=None, help="override the config's seed")

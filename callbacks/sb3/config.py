@@ -75,6 +75,7 @@ class TrainConfig:
         callback: keyword arguments of ``InfluenceCallback``.
         runs_dir: the folder that holds the run folders.
         torch_threads: ``torch.set_num_threads`` (``None``: leave torch's default).
+        checkpoint_every: save the model (``checkpoint.safetensors``, ``model.zip``) every this many rounds.
     """
 
     env_id: str
@@ -89,6 +90,7 @@ class TrainConfig:
     callback: dict[str, Any] = field(default_factory=dict)
     runs_dir: str = "runs"
     torch_threads: int | None = None
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.env_id, str) or not self.env_id:
@@ -98,7 +100,7 @@ class TrainConfig:
                 f"exp_name: got {self.exp_name!r}; supported: letters, digits, '.', '_' and '-', starting "
                 "with a letter or digit (it names the run folder)"
             )
-        for name in ("seed", "total_timesteps", "n_envs"):
+        for name in ("seed", "total_timesteps", "n_envs", "checkpoint_every"):
             value = whole_number(getattr(self, name))
             setattr(self, name, value)
             low = 0 if name == "seed" else 1
@@ -144,18 +146,25 @@ def config_from_dict(data: Any, source: str = "<config>") -> TrainConfig:
         raise ConfigError(f"{source}: {err}") from err
 
 
+def parse_yaml(text: str, source: str = "<config>") -> Any:
+    """Parse a config's YAML text: safe, duplicate keys refused, ``1e5`` read as a number."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config (``overrides`` replace top-level keys, e.g. from the command line)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: no such file {str(p)!r}")
-    try:
-        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({err})") from err
+    data = parse_yaml(p.read_text(), str(p))
     if isinstance(data, dict) and overrides:
         data = {**data, **overrides}
     return config_from_dict(data, str(p))
 
 
-__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "whole_number"]
+__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "parse_yaml", "whole_number"]

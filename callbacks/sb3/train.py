@@ -2,7 +2,9 @@
 
 The run folder ``{runs_dir}/{env}__{exp}__{seed}__{time}`` holds SB3's TensorBoard events, the
 ``attr/*`` events, the snapshots (``rlattr/``), ``config.yaml`` (the resolved config) and
-``run_info.json`` (seed, versions, git commit, command line).
+``run_info.json`` (seed, versions, git commit, command line), ``checkpoint.safetensors`` (policy and
+optimizer after the last finished round, for ``rlattr train --resume RUN``) and SB3's ``model.zip``,
+both saved every ``checkpoint_every`` rounds and ``model.zip`` also when training stops on an error.
 """
 
 from __future__ import annotations
@@ -10,20 +12,25 @@ from __future__ import annotations
 import inspect
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import torch
 import yaml
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from rlattr.callbacks.sb3.config import ConfigError, TrainConfig
+from rlattr.callbacks.sb3.checkpoint import CHECKPOINT, Checkpointer, restore_checkpoint
+from rlattr.callbacks.sb3.config import ConfigError, TrainConfig, load_config, whole_number
 from rlattr.callbacks.sb3.influence import InfluenceCallback
-from rlattr.core.store import atomic_write_bytes, save_json
-from rlattr.errors import RunExistsError
+from rlattr.callbacks.sb3.policy import check_model
+from rlattr.core.store import atomic_write_bytes, load_json, save_json
+from rlattr.errors import MissingError, RlattrError, RunExistsError
 from rlattr.provenance import provenance
 
 # Set by the runner itself, so not accepted in the ppo section.
@@ -65,68 +72,224 @@ def resolve_policy_kwargs(policy_kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_run_dir(config: TrainConfig) -> Path:
-    """A new, empty run folder; refuses to reuse an existing one."""
-    run_dir = Path(config.runs_dir) / config.run_name(int(time.time()))
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def check_ppo_values(ppo: dict[str, Any]) -> dict[str, Any]:
+    """The ``ppo`` section with each value checked against ``PPO.__init__``'s annotation (whole-number
+    floats become ints where an int is meant); raises :class:`ConfigError` naming the key."""
+    params = inspect.signature(PPO.__init__).parameters
+    out = dict(ppo)
+    for key, value in ppo.items():
+        args = typing.get_args(params[key].annotation) or (params[key].annotation,)
+        kinds = [k for k in _KINDS if k in args or any(typing.get_origin(a) is k for a in args)]
+        if not kinds or (value is None and type(None) in args):
+            continue  # classes, devices, callables: not writable in YAML, left to PPO
+        if int in kinds and bool not in kinds:
+            value = out[key] = whole_number(value)
+        ok = any(isinstance(value, k) and (k is bool or not isinstance(value, bool)) for k in kinds) or (
+            float in kinds and isinstance(value, int) and not isinstance(value, bool)
+        )
+        if not ok:
+            supported = " or ".join(_KINDS[k] for k in kinds) + (" or null" if type(None) in args else "")
+            raise ConfigError(f"ppo.{key}: got {value!r}; supported: {supported}")
+    return out
+
+
+def _check_env_id(env_id: str) -> None:
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as err:
+        raise ConfigError(f"env_id: got {env_id!r}; supported: a registered Gymnasium id ({err})") from err
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """The path of a new run folder (not created yet); refuses an existing one or one outside runs_dir."""
+    runs_dir = Path(config.runs_dir)
+    run_dir = runs_dir / config.run_name(int(time.time()))
+    if run_dir.resolve().parent != runs_dir.resolve():
+        raise ConfigError(f"exp_name: the run folder {str(run_dir)!r} would leave runs_dir {str(runs_dir)!r}")
     if run_dir.exists():
         raise RunExistsError(f"run folder {str(run_dir)!r} exists already; wait a second or change exp_name")
+    return run_dir
+
+
+def make_run_dir(config: TrainConfig) -> Path:
+    """A new, empty run folder; refuses to reuse an existing one."""
+    run_dir = new_run_dir(config)
     run_dir.mkdir(parents=True)
     return run_dir
 
 
-def build_model(config: TrainConfig, run_dir: Path) -> PPO:
-    """The PPO model, its vectorised env, and an SB3 logger writing TensorBoard into ``run_dir``."""
+def build_model(config: TrainConfig, run_dir: Path | None = None) -> PPO:
+    """The PPO model and its vectorised env (SB3's logger writing TensorBoard into ``run_dir`` if given).
+
+    Every value is checked here, before any folder exists: a bad one raises :class:`ConfigError`.
+    """
+    ppo = check_ppo_values(config.ppo)
+    if config.policy not in PPO.policy_aliases:
+        raise ConfigError(f"policy: got {config.policy!r}; supported: {sorted(PPO.policy_aliases)}")
+    _check_env_id(config.env_id)
     vec_cls = SubprocVecEnv if config.vec_env == "subproc" else DummyVecEnv
-    env = make_vec_env(
-        config.env_id,
-        n_envs=config.n_envs,
-        seed=config.seed,
-        env_kwargs=config.env_kwargs,
-        vec_env_cls=vec_cls,
-    )
-    ppo = dict(config.ppo)
+    try:
+        env = make_vec_env(
+            config.env_id,
+            n_envs=config.n_envs,
+            seed=config.seed,
+            env_kwargs=config.env_kwargs,
+            vec_env_cls=vec_cls,
+        )
+    except (gym.error.Error, TypeError, ValueError, AssertionError) as err:
+        raise ConfigError(
+            f"env_kwargs: {config.env_id} could not be made with {config.env_kwargs} ({_one_line(err)})"
+        ) from err
     if "policy_kwargs" in ppo:
         ppo["policy_kwargs"] = resolve_policy_kwargs(ppo["policy_kwargs"])
-    model = PPO(config.policy, env, seed=config.seed, device="cpu", **ppo)
-    formats = ["stdout", "tensorboard"] if ppo.get("verbose", 0) >= 1 else ["tensorboard"]
-    model.set_logger(configure(str(run_dir), formats))
+    try:
+        model = PPO(config.policy, env, seed=config.seed, device="cpu", **ppo)
+        check_model(model)
+    except (TypeError, ValueError, AssertionError, KeyError) as err:
+        env.close()
+        raise ConfigError(f"ppo: PPO refused these settings ({_one_line(err)})") from err
+    if run_dir is not None:
+        set_run_logger(model, run_dir)
     return model
 
 
+def set_run_logger(model: PPO, run_dir: Path) -> None:
+    formats = ["stdout", "tensorboard"] if model.verbose >= 1 else ["tensorboard"]
+    model.set_logger(configure(str(run_dir), formats))
+
+
+def build_callback(config: TrainConfig, run_dir: Path) -> InfluenceCallback:
+    try:
+        return InfluenceCallback(log_dir=run_dir, **config.callback)
+    except (RlattrError, TypeError) as err:
+        raise ConfigError(f"callback.{err}") from err
+
+
+def _write_run_info(run_dir: Path, config: TrainConfig, argv: list[str] | None, **extra: Any) -> None:
+    info: dict[str, Any] = {
+        "seed": config.seed,
+        "versions": provenance(),
+        "argv": argv if argv is not None else sys.argv,
+    }
+    old = run_dir / "run_info.json"
+    if old.is_file():  # a resumed run keeps what the earlier part recorded
+        previous = load_json(old)
+        if isinstance(previous, dict):
+            info = {**previous, **info, "resumes": [*previous.get("resumes", []), *extra.pop("resumes", [])]}
+    save_json(old, {**info, **extra})
+
+
 def train(config: TrainConfig, *, progress_bar: bool = True, argv: list[str] | None = None) -> Path:
-    """Train PPO with InfluenceCallback as ``config`` says; returns the run folder."""
+    """Train PPO with InfluenceCallback as ``config`` says; returns the run folder.
+
+    The env, model and callback are built (and every value checked) before the run folder is made.
+    """
     check_config(config)
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
-    run_dir = make_run_dir(config)
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-    save_json(
-        run_dir / "run_info.json",
-        {"seed": config.seed, "versions": provenance(), "argv": argv if argv is not None else sys.argv},
-    )
-    model = build_model(config, run_dir)
-    callback = InfluenceCallback(log_dir=run_dir, **config.callback)
-    start = time.perf_counter()
+    run_dir = new_run_dir(config)
+    model = build_model(config)
     try:
-        model.learn(config.total_timesteps, callback=callback, progress_bar=progress_bar)
+        callback = build_callback(config, run_dir)
+        run_dir.mkdir(parents=True)
+    except BaseException:
+        model.env.close()  # type: ignore[union-attr]
+        raise
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    _write_run_info(run_dir, config, argv)
+    set_run_logger(model, run_dir)
+    return _learn(model, callback, config, run_dir, config.total_timesteps, argv, progress_bar)
+
+
+def resume(run_dir: str | Path, *, progress_bar: bool = True, argv: list[str] | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its last checkpoint (policy, optimizer, timesteps, next
+    round) in the same folder, until the config's ``total_timesteps``.
+
+    Fresh RNG streams are seeded from ``(seed, round)``: the continuation is not bit-identical to a
+    run that was never interrupted. Rounds scored after the checkpoint are discarded and redone.
+    """
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", CHECKPOINT):
+        if not (run_dir / name).is_file():
+            raise MissingError(
+                f"resume: {str(run_dir)!r} holds no {name} (not an rlattr train run, or killed before its "
+                "first round ended); start a new run"
+            )
+    config = load_config(run_dir / "config.yaml")
+    check_config(config)
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    model = build_model(config)
+    try:
+        meta = restore_checkpoint(model, run_dir)
+        remaining = config.total_timesteps - model.num_timesteps
+        if remaining <= 0:
+            raise RlattrError(
+                f"resume: the run in {str(run_dir)!r} finished already ({model.num_timesteps} steps)"
+            )
+        callback = build_callback(config, run_dir)
+    except BaseException:
+        model.env.close()  # type: ignore[union-attr]
+        raise
+    next_round = int(meta["next_round"])
+    model.set_random_seed(config.seed + next_round)
+    callback.resume_at(next_round)
+    _write_run_info(run_dir, config, argv, resumes=[{"round": next_round, "timesteps": model.num_timesteps}])
+    set_run_logger(model, run_dir)
+    return _learn(model, callback, config, run_dir, remaining, argv, progress_bar, reset=False)
+
+
+def _learn(
+    model: PPO,
+    callback: InfluenceCallback,
+    config: TrainConfig,
+    run_dir: Path,
+    steps: int,
+    argv: list[str] | None,
+    progress_bar: bool,
+    reset: bool = True,
+) -> Path:
+    saver = Checkpointer(run_dir, config.checkpoint_every)
+    start = time.perf_counter()
+    finished = False
+    try:
+        model.learn(
+            steps,
+            callback=CallbackList([callback, saver]),
+            progress_bar=progress_bar,
+            reset_num_timesteps=reset,
+        )
+        finished = True
     finally:
+        # the trained policy is never lost; only a finished run is also a clean resume point
+        saver.init_callback(model)
+        saver.save(resumable=finished)
         if model.env is not None:
             model.env.close()
-    seconds = time.perf_counter() - start
-    attr_seconds = sum(h["seconds"] for h in callback.history)
-    save_json(
-        run_dir / "run_info.json",
-        {
-            "seed": config.seed,
-            "versions": provenance(),
-            "argv": argv if argv is not None else sys.argv,
-            "train_seconds": seconds,
-            "attribution_seconds": attr_seconds,
-            "rounds_scored": len(callback.history),
-        },
+    _write_run_info(
+        run_dir,
+        config,
+        argv,
+        train_seconds=time.perf_counter() - start,
+        attribution_seconds=sum(h["seconds"] for h in callback.history),
+        rounds_scored=len(callback.history),
     )
-    model.save(run_dir / "model.zip")
     return run_dir
 
 
-__all__ = ["build_model", "check_config", "make_run_dir", "train"]
+__all__ = [
+    "build_model",
+    "check_config",
+    "check_ppo_values",
+    "make_run_dir",
+    "new_run_dir",
+    "resume",
+    "train",
+]

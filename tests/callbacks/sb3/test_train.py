@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 import pytest
 import torch
@@ -75,3 +77,81 @@ def test_cli_reports_config_errors(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as err:
         main(["train", str(cfg)])
     assert err.value.code == 2 and "bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("patch", "match"),
+    [
+        ({"ppo": {"n_steps": "64"}}, "ppo.n_steps: got '64'; supported: an integer"),
+        ({"ppo": {"learning_rate": "fast"}}, "ppo.learning_rate: got 'fast'; supported: a number"),
+        ({"ppo": {"use_sde": True}}, "ppo: PPO refused these settings .*gSDE"),
+        ({"callback": {"target": 5}}, "callback.target: got 5"),
+        ({"env_id": "CartPol-v1"}, "env_id: got 'CartPol-v1'"),
+        ({"policy": "MlpPolicyy"}, "policy: got 'MlpPolicyy'"),
+        ({"torch_threads": True}, "torch_threads: expected an integer >= 1 or null, got True"),
+    ],
+)
+def test_bad_values_are_one_line_exit_2_and_leave_no_folder(
+    tmp_path, capsys, patch: dict, match: str
+) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, **patch}))
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as err:
+        main(["train", str(cfg), "--runs-dir", str(runs), "--no-progress"])
+    message = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and len(message.splitlines()) == 1, message
+    assert re.search(match, message), message
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+class _Killed(KeyboardInterrupt):
+    pass
+
+
+def test_a_killed_run_keeps_its_model_and_resumes(tmp_path, monkeypatch, capsys) -> None:
+    from rlattr.callbacks.sb3.checkpoint import CHECKPOINT, restore_checkpoint
+    from rlattr.callbacks.sb3.influence import InfluenceCallback
+    from rlattr.callbacks.sb3.train import build_model
+
+    seen: dict[str, object] = {}
+
+    def kill_in_round_2(self, records, scores) -> None:
+        if records.round_index == 2:  # the policy here is the one trained on rounds 0 and 1
+            seen["policy"] = {k: v.clone() for k, v in self.model.policy.state_dict().items()}
+            seen["adam"] = copy.deepcopy(self.model.policy.optimizer.state_dict()["state"])
+            raise _Killed
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "total_timesteps": "1.28e2"}).replace("'1.28e2'", "1.28e2"))
+    monkeypatch.setattr(InfluenceCallback, "_on_round_scored", kill_in_round_2)
+    with pytest.raises(_Killed):
+        main(["train", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert (run_dir / "model.zip").stat().st_size > 0  # saved in the finally
+    assert rlattr.load_run(run_dir).rounds == [0, 1, 2]
+
+    from rlattr.callbacks.sb3.config import load_config
+
+    fresh = build_model(load_config(run_dir / "config.yaml"))
+    meta = restore_checkpoint(fresh, run_dir)
+    assert meta["next_round"] == 2 and fresh.num_timesteps == 64
+    for k, v in seen["policy"].items():
+        assert torch.equal(fresh.policy.state_dict()[k], v), k
+    for idx, state in seen["adam"].items():
+        for name, value in state.items():
+            assert torch.equal(fresh.policy.optimizer.state_dict()["state"][idx][name], value), name
+
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    run = rlattr.load_run(run_dir)
+    assert run.rounds == [0, 1, 2, 3] and [s["round"] for s in run.summaries] == [0, 1, 2, 3]
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["resumes"] == [{"round": 2, "timesteps": 64}] and info["rounds_scored"] == 2
+    assert restore_checkpoint(fresh, run_dir)["next_round"] == 4 and (run_dir / CHECKPOINT).is_file()
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--resume", str(run_dir), "--no-progress"])
+    assert err.value.code == 2 and "finished already" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(tmp_path), "--no-progress"])
+    assert "holds no config.yaml" in capsys.readouterr().err
