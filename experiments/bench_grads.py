@@ -11,10 +11,8 @@ record i of a buffer, with L_i a per-record policy-gradient loss ``-A_i log pi(a
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import torch
 from fresh_process import run_in_fresh_process
 from torch import nn
 from torch.func import functional_call
+
+from rlattr.provenance import provenance
 
 SETTINGS = {
     # name: (obs dim, hidden sizes, actions)
@@ -92,15 +92,6 @@ def _measure(method: str, setting: str, n: int, loop_records: int) -> dict[str, 
     return run_in_fresh_process(_run_method, method, setting, n, loop_records)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,10 +135,7 @@ def main() -> None:
         {
             "results": results,
             "args": vars(args),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "git_commit": _git_commit(),
+            "provenance": provenance(),
         },
     )
     print(f"\nwritten: {out}")

@@ -18,7 +18,6 @@ without it. LunarLander needs Box2D (the ``envs`` extra; ``make bench`` installs
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from fresh_process import run_in_fresh_process
+
+from rlattr.core.store import atomic_write_bytes, save_json
+from rlattr.provenance import provenance
 
 ENVS = ("CartPole-v1", "LunarLander-v3")
 
@@ -148,11 +150,10 @@ def main() -> None:
     print(f"\nCPU: {platform.processor() or platform.machine()}, torch threads 1\n\n{text}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_sb3_attribution.md").write_text(text + "\n")
-    from rlattr.rl.snapshots import versions
-
-    record = {"args": vars(args), "provenance": {**versions(), "machine": platform.machine()}, "rows": rows}
-    (out / "bench_sb3_attribution.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_bytes(out / "bench_sb3_attribution.md", (text + "\n").encode())
+    save_json(
+        out / "bench_sb3_attribution.json", {"args": vars(args), "provenance": provenance(), "rows": rows}
+    )
 
 
 if __name__ == "__main__":

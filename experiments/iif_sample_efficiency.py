@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -35,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from iif_envs import METHODS, OPTIMIZERS, run_one  # noqa: E402
 
+from rlattr.core.store import save_json  # noqa: E402
 from rlattr.eval.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
+from rlattr.provenance import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"name", "env_id", "rounds", "ppo", "optimizer", "policy", "iif", "eval"}
@@ -79,37 +77,6 @@ def load_config(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _atomic_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(tmp, path)
-
-
-def provenance() -> dict[str, Any]:
-    """Versions and the git commit (with a dirty flag) of the code that produced a result."""
-    import gymnasium
-    import stable_baselines3
-    import torch
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--", "rlattr", "callbacks", "experiments")),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "gymnasium": gymnasium.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def _run_file(out: Path, method: str, seed: int) -> Path:
     return out / "seed_runs" / f"{method}_seed{seed}.json"
 
@@ -120,7 +87,7 @@ def _worker(cfg: dict[str, Any], method: str, seed: int, path: str) -> str:
     started = time.time()
     result = run_one(cfg, method, seed)
     result.update(config=cfg, provenance=provenance(), started=started, finished=time.time())
-    _atomic_json(Path(path), result)
+    save_json(path, result)
     return path
 
 
@@ -225,7 +192,7 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
         results["methods"][method] = entry
     results["noise_floor"] = noise_floor(base, n_levels=int(metric.get("n_levels", 20)))
     results["provenance"] = provenance()
-    _atomic_json(out / "results.json", results)
+    save_json(out / "results.json", results)
     plot_curves(runs, out / "curves.png", cfg)
     (out / "table.md").write_text(markdown_table([results]))
     return results

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer  # noqa: E402
 from rlattr.core.store import save_json  # noqa: E402
 from rlattr.eval.efficiency import efficiency  # noqa: E402
-from rlattr.rl.filtering import NegBottom, RandomDrop  # noqa: E402
-from rlattr.rl.snapshots import versions  # noqa: E402
+from rlattr.provenance import provenance  # noqa: E402
+from rlattr.rl.filtering import make_rule  # noqa: E402
 from rlattr.testing.tiny_lm import (  # noqa: E402
     addition_closeness_reward,
     addition_pairs,
@@ -98,7 +97,7 @@ def run_arm(arm: str, seed: int, state: dict, tok, train: list[str], held: list[
     if arm == "grpo":
         trainer = GRPOTrainer(**kw)
     else:
-        rule = NegBottom(1.0) if arm == "iif" else RandomDrop(NegBottom(1.0), seed=seed)
+        rule = make_rule("neg-bottom" if arm == "iif" else "random", p=1.0, seed=seed)
         pool = held if args.target_from == "heldout" else train[::-1]  # "train": fresh samples, seen prompts
         target = pool[: args.target_prompts]
         trainer = IIFGRPOTrainer(
@@ -189,9 +188,8 @@ def main() -> None:
             runs.append(res)
     result = {
         "args": vars(args),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "pretrain": pre,
-        "provenance": versions(),
+        "provenance": provenance(),
     }
     result["runs"] = runs
     save_json(Path(args.out) / "results.json", result)  # atomic

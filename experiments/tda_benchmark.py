@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +45,7 @@ from rlattr.core.methods import (
 from rlattr.core.store import load_json, save_json
 from rlattr.eval.groundtruth import leave_one_out, subset_masks, subset_retraining
 from rlattr.eval.metrics import lds, loo_correlation
+from rlattr.provenance import provenance
 from rlattr.testing.supervised import (
     ce_of_logits,
     classification_task,
@@ -309,8 +307,8 @@ def write_doc(cfg: BenchConfig, results: dict[str, Any], meta: dict[str, Any]) -
             "",
             *lw_lines(cfg, results),
             "",
-            f"Run: `{meta['command']}` at commit `{meta['git_commit'][:10]}`, torch {meta['torch']}, "
-            f"numpy {meta['numpy']}, scikit-learn {meta['sklearn']}, Python {meta['python']}; "
+            f"Run: `{meta['command']}` at commit `{str(meta['git_commit'])[:10]}`, torch {meta['torch']}, "
+            f"numpy {meta['numpy']}, scikit-learn {meta['scikit-learn']}, Python {meta['python']}; "
             f"config and per-method numbers in `{Path(cfg.doc).with_suffix('.json').name}`.",
             END,
         ]
@@ -346,26 +344,6 @@ def plot(cfg: BenchConfig, results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def provenance(cfg: BenchConfig) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    import sklearn
-
-    return {
-        "git_commit": commit,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
-        "platform": platform.platform(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = BenchConfig()
@@ -382,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = BenchConfig(n_train=200, n_queries=20, n_loo=20, subsets=10, mlp_steps=100, trak_models=2,
                           lissa_depth=50, proj_dim=256, out="runs/tda_quick", doc="runs/tda_quick/tda.md")  # fmt: skip
     torch.set_num_threads(1)
-    meta = provenance(cfg)
+    meta = provenance()
     results: dict[str, Any] = {}
     for kind in cfg.models:
         s = Setting(kind, cfg)

@@ -245,7 +245,7 @@ def test_bad_arguments_are_named() -> None:
 
 
 def test_experiment_smoke_writes_its_table(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "experiments"))
     import iif_sample_efficiency as study
 
     config = Path(study.REPO) / "configs" / "iif" / "frozenlake.yaml"
