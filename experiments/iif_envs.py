@@ -15,10 +15,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 from torch import nn
 
 from rlattr.callbacks.sb3.iif import IIFCallback
@@ -97,7 +99,13 @@ def build_model(cfg: dict[str, Any], seed: int) -> PPO:
     )
 
 
-def evaluate(model: PPO, env: VecEnv, episodes: int, seed: int) -> tuple[float, float]:
+def _policy_input(obs: VecEnvObs) -> np.ndarray | dict[str, np.ndarray]:
+    if isinstance(obs, tuple):
+        raise TypeError("obs: tuple observation spaces are not supported by SB3's predict()")
+    return obs
+
+
+def evaluate(model: BaseAlgorithm, env: VecEnv, episodes: int, seed: int) -> tuple[float, float]:
     """Mean and std of the return of ``episodes`` stochastic-policy episodes.
 
     Runs in its own torch RNG stream (seeded with ``seed``) so that evaluation never changes the
@@ -112,7 +120,7 @@ def evaluate(model: PPO, env: VecEnv, episodes: int, seed: int) -> tuple[float, 
         env.seed(seed)
         obs = env.reset()
         while (counts < targets).any():
-            actions, _ = model.predict(obs, deterministic=False)
+            actions, _ = model.predict(_policy_input(obs), deterministic=False)
             obs, rewards, dones, _ = env.step(actions)
             current += rewards
             for i in np.flatnonzero(dones):
@@ -123,7 +131,7 @@ def evaluate(model: PPO, env: VecEnv, episodes: int, seed: int) -> tuple[float, 
     return float(np.mean(returns)), float(np.std(returns))
 
 
-class RoundRecorder(BaseCallback):
+class LearningCurveCallback(BaseCallback):
     """Evaluates each round's updated policy and times the rounds (evaluation time excluded).
 
     ``curve[r]``, ``curve_std[r]``: return of the policy after round r + 1; ``seconds[r]``:
@@ -207,8 +215,8 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     model = build_model(cfg, seed)
     episodes = int(cfg["eval"]["episodes"])
     eval_env = DummyVecEnv([env_factory(cfg)] * max(1, min(episodes, int(cfg["eval"]["n_envs"]))))
-    recorder = RoundRecorder(eval_env, episodes, seed, log_every=cfg.get("log_every", 10))
-    callbacks: list[BaseCallback] = [recorder]
+    curves = LearningCurveCallback(eval_env, episodes, seed, log_every=cfg.get("log_every", 10))
+    callbacks: list[BaseCallback] = [curves]
     iif = None
     if method != "ppo":
         drop = "neg-bottom" if method == "iif" else "random"
@@ -217,22 +225,23 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     total = int(cfg["rounds"]) * model.n_steps * model.n_envs
     model.learn(total, callback=CallbackList(callbacks))
     eval_env.close()
-    model.env.close()
+    if model.env is not None:
+        model.env.close()
     history = iif.filter_history if iif is not None else []
-    curve, seconds = recorder.curve, recorder.seconds
-    cpu_seconds = recorder.cpu_seconds
+    curve, seconds = curves.curve, curves.seconds
+    cpu_seconds = curves.cpu_seconds
     if episodes == 0:
-        curve, seconds, cpu_seconds = rollout_curve(recorder.rollout), seconds[:-1], cpu_seconds[:-1]
+        curve, seconds, cpu_seconds = rollout_curve(curves.rollout), seconds[:-1], cpu_seconds[:-1]
     return {
         "method": method,
         "seed": seed,
         "curve": curve,
         "curve_source": "rollout" if episodes == 0 else f"eval-{episodes}",
-        "curve_std": recorder.curve_std,
-        "rollout_curve": recorder.rollout,
+        "curve_std": curves.curve_std,
+        "rollout_curve": curves.rollout,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "eval_seconds": recorder.eval_seconds,
+        "eval_seconds": curves.eval_seconds,
         "kept_fraction": [h["kept_fraction"] for h in history],
         "score_seconds": [h["seconds"] for h in (iif.history if iif is not None else [])],
         "min_keep_notes": sum(1 for h in history if h["note"]),
