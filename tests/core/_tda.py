@@ -44,8 +44,10 @@ def mlp_problem(n: int = 40, m: int = 3, l2: float = 0.05) -> Problem:
 def logreg_closed_form(p: Problem, x: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per-record gradients ``[n, d]`` and Hessians ``[n, d, d]`` of multinomial cross-entropy, by
     hand in numpy: theta = (W row-major [C, D], b [C]), z = W x + b."""
-    w = p.model[0].weight.detach().numpy()
-    b = p.model[0].bias.detach().numpy()
+    layer = p.model.get_submodule("0")
+    assert isinstance(layer, nn.Linear)
+    w = layer.weight.detach().numpy()
+    b = layer.bias.detach().numpy()
     xs, ys = x.numpy(), y.numpy()
     c, dim = w.shape
     grads, hessians = [], []

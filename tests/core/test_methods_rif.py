@@ -4,6 +4,7 @@ regression (multinomial and binary), and the Newton step tracks actual retrainin
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,9 @@ def newton(lr):
 
 
 def _rif(lr, exact: bool = True):
-    curv = {"output": per_record_logits(lr.model), "output_loss": ce_of_logits} if exact else {}
+    curv: dict[str, Any] = (
+        {"output": per_record_logits(lr.model), "output_loss": ce_of_logits} if exact else {}
+    )
     return RescaledInfluence(lr.task, l2=lr.l2, **curv).cache(lr.train)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,7 +47,7 @@ def test_interrupted_write_leaves_previous_file_intact(
     assert [p.name for p in tmp_path.iterdir()] == ["round.safetensors"]  # no temp file left behind
 
 
-def _rewrite_header(path: Path, edit: callable) -> None:
+def _rewrite_header(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])

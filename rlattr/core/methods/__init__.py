@@ -1,9 +1,10 @@
 """Attribution methods, one module per family, all with the cache / attribute split."""
 
 from rlattr.core.methods.base import Attributor, query_grads
-from rlattr.core.methods.influence import STRATEGIES, InfluenceFunction, self_influence
+from rlattr.core.methods.influence import InfluenceFunction, self_influence
 from rlattr.core.methods.rif import NewtonStep, RescaledInfluence
 from rlattr.core.methods.similarity import GradCos, GradDot
+from rlattr.core.methods.solvers import STRATEGIES, Solver
 from rlattr.core.methods.tracin import TracIn
 from rlattr.core.methods.trak import TRAK
 from rlattr.core.methods.weighting import LearnedWeights
@@ -17,6 +18,7 @@ __all__ = [
     "LearnedWeights",
     "NewtonStep",
     "RescaledInfluence",
+    "Solver",
     "TRAK",
     "TracIn",
     "query_grads",

@@ -35,12 +35,12 @@ def query_grads(task: Task, query: Batch, *, params: Params | None = None, chunk
     return torch.cat(parts)
 
 
-def group_masks(task: Task) -> Tensor:
+def group_masks(task: Task, *, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``Tensor[G, d]`` of 0/1: which flat parameter coordinates belong to each group."""
     named = dict(task.model.named_parameters())
     sizes = [named[n].numel() for n in task.tracked_names]
     groups = task.group_names
-    masks = torch.zeros(len(groups), sum(sizes))
+    masks = torch.zeros(len(groups), sum(sizes), dtype=dtype, device=device)
     start = 0
     for name, size in zip(task.tracked_names, sizes, strict=True):
         masks[groups.index(task.group_of[name]), start : start + size] = 1.0
@@ -48,26 +48,59 @@ def group_masks(task: Task) -> Tensor:
     return masks
 
 
-def batch_signature(batch: Batch) -> tuple[object, list[tuple[tuple[int, ...], torch.dtype] | None]]:
+Signature = tuple[object, list[tuple[tuple[int, ...], torch.dtype] | None]]
+
+
+def batch_signature(batch: Batch) -> Signature:
     """The structure of a batch without its record count: tree spec and per-leaf trailing shape."""
     leaves, spec = tree_flatten(batch)
     return spec, [(tuple(x.shape[1:]), x.dtype) if isinstance(x, Tensor) else None for x in leaves]
 
 
-def check_query(query: Batch, expected: tuple[object, list[object]] | None) -> None:
-    """Raise a ValueError naming ``query`` if its structure differs from the training records'."""
+def check_query(task: Task, query: Batch, expected: Signature | None) -> None:
+    """Raise an RlattrError naming ``query`` unless the Task can score it.
+
+    With a target, the query is the target's input: it must hold tensors, and the target must
+    evaluate on it (at the current parameters) to a scalar or ``Tensor[m]``. Without one, the query
+    records are scored by the training loss, so they must be structured like the training records,
+    whose :func:`batch_signature` is ``expected`` (None: nothing cached yet, nothing to compare).
+    """
+    if task.target is not None:
+        _check_target_query(task, query)
+        return
     if expected is None:
         return
     spec, leaves = batch_signature(query)
     if spec != expected[0]:
         raise RlattrError(
-            f"query: expected a batch structured like the training records ({expected[0]}), got {spec}"
+            f"query: got a batch structured as {spec}; supported: the training records' {expected[0]}"
         )
     for j, (got, want) in enumerate(zip(leaves, expected[1], strict=False)):
-        if got is not None and want is not None and got[0] != want[0]:  # type: ignore[index]
+        if got is not None and want is not None and got[0] != want[0]:
             raise RlattrError(
-                f"query: leaf {j} has per-record shape {got[0]}, but the training records have {want[0]}"  # type: ignore[index]
+                f"query: got per-record shape {got[0]} in leaf {j}; supported: the training records' {want[0]}"
             )
+
+
+def _check_target_query(task: Task, query: Batch) -> None:
+    target = task.require_target()
+    if not any(isinstance(x, Tensor) for x in tree_flatten(query)[0]):
+        raise RlattrError(
+            f"query: got {type(query).__name__} holding no tensor; supported: the target's input batch"
+        )
+    try:
+        with torch.no_grad():
+            out = target(task.tracked_params(), query)
+    except RlattrError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise RlattrError(
+            f"query: the Task's target fails on it ({type(err).__name__}: {str(err)[:200]}); "
+            "supported: the batch the target takes"
+        ) from err
+    if not isinstance(out, Tensor) or out.dim() > 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RlattrError(f"query: the Task's target returns {shape} on it; supported: a scalar or Tensor[m]")
 
 
 class Attributor(ABC):
@@ -79,7 +112,7 @@ class Attributor(ABC):
         self.task = task
         self.chunk_size = chunk_size
         self._train: Tensor | None = None
-        self._signature: tuple[object, list[object]] | None = None
+        self._signature: Signature | None = None
 
     @abstractmethod
     def cache(self, train: Batch) -> Attributor:
@@ -88,6 +121,10 @@ class Attributor(ABC):
     @abstractmethod
     def attribute(self, query: Batch) -> Tensor:
         """Scores ``Tensor[m, n]`` of every query against every cached training record."""
+
+    def check_query(self, query: Batch) -> None:
+        """Raise an RlattrError naming ``query`` unless this attributor can score it (see :func:`check_query`)."""
+        check_query(self.task, query, self._signature)
 
     def _require_cache(self) -> Tensor:
         if self._train is None:
@@ -114,12 +151,12 @@ class Attributor(ABC):
         """
         vectors = self.query_vectors(query)
         cols = []
-        for mask in group_masks(self.task):
-            cols.append(self.score_vectors([v * mask.to(v.dtype) for v in vectors]))
+        for mask in group_masks(self.task, dtype=vectors[0].dtype, device=vectors[0].device):
+            cols.append(self.score_vectors([v * mask for v in vectors]))
         return torch.stack(cols, dim=-1)
 
     def _train_features(self, train: Batch, projector: RandomProjection | None) -> Tensor:
-        self._signature = batch_signature(train)  # type: ignore[assignment]
+        self._signature = batch_signature(train)
         rows = []
         for _, _, g in iter_per_record_grads(self.task, train, chunk_size=self.chunk_size):
             flat = flatten(g, self.task.tracked_names)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, ClassVar, Self, cast
 
 import torch
 from torch import Tensor, nn
 
 from rlattr.core.grads import batch_size, flatten, iter_per_record_grads, slice_batch
-from rlattr.core.methods.hessian import ParamLayout
+from rlattr.core.methods.hessian import CurvatureSpec, ParamLayout
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
 
@@ -86,7 +86,7 @@ def _layer_rows(mod: nn.Module, inp: Tensor, out_grad: Tensor, bias: bool) -> tu
         a = inp.reshape(-1, inp.shape[-1])
         ds = out_grad.reshape(-1, out_grad.shape[-1])
     if bias:
-        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
     return a, ds
 
 
@@ -135,6 +135,18 @@ class EKFACSolver:
         chunk_size: records per pass.
     """
 
+    gauss_newton: ClassVar[bool] = False  # its curvature is the Fisher of fisher_loss, never output's
+
+    @classmethod
+    def from_spec(cls, spec: CurvatureSpec, **options: Any) -> Self:
+        """The solver on ``spec``'s records and shift; ``options``: ``fisher_loss``."""
+        if spec.output is not None or spec.output_loss is not None:
+            raise RlattrError(
+                "output, output_loss: got a Gauss-Newton curvature for strategy 'ekfac', which uses the "
+                "Fisher of fisher_loss; supported with strategies 'explicit', 'cg', 'lissa'"
+            )
+        return cls(spec.task, spec.batch, shift=spec.shift, chunk_size=spec.chunk_size, **options)
+
     def __init__(
         self,
         task: Task,
@@ -155,7 +167,7 @@ class EKFACSolver:
         ):
             blk.q_a = torch.linalg.eigh(a)[1]
             blk.q_s = torch.linalg.eigh(s)[1]
-            blk.lam = torch.zeros(s.shape[0], a.shape[0], dtype=a.dtype)
+            blk.lam = torch.zeros(s.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
         fisher_task = Task(task.model, loss, params=task.tracked_names)
         n = batch_size(batch)
         for _, _, g in iter_per_record_grads(fisher_task, batch, chunk_size=chunk_size):
@@ -174,11 +186,11 @@ class EKFACSolver:
         return torch.cat([w, flat[:, self.layout.slices[blk.bias]].unsqueeze(-1)], dim=2)
 
     def solve(self, b: Tensor) -> Tensor:
-        """``H^-1 b`` for ``b: Tensor[d, k]``."""
-        flat = b.T
+        """``H^-1 b`` for ``b: Tensor[d, k]``, in the curvature's dtype and device."""
+        flat = b.T.to(self.blocks[0].lam)
         out = torch.zeros_like(flat)
         for blk in self.blocks:
-            q_a, q_s, lam = (t.to(flat.dtype) for t in (blk.q_a, blk.q_s, blk.lam))
+            q_a, q_s, lam = blk.q_a, blk.q_s, blk.lam
             rot = q_s.T @ self._block_matrix(flat, blk) @ q_a
             back = q_s @ (rot / (lam + self.shift)) @ q_a.T
             n_w = self.layout.slices[blk.weight]

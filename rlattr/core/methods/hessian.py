@@ -1,4 +1,4 @@
-"""The Hessian of a Task's training objective, and inverse-Hessian solvers over it.
+"""The Hessian of a Task's training objective, and the inverse-Hessian solvers that work on it.
 
 The objective is the *mean* per-record loss plus an L2 term, as :mod:`rlattr.testing.supervised`
 trains it:
@@ -8,20 +8,23 @@ trains it:
 ``shift`` below is ``l2 + damping``: the objective's own L2 term plus any numerical damping.
 Parameters are handled as one flat vector (d numbers) in the order of ``task.tracked_names``.
 
-Solvers map ``B: Tensor[d, k]`` to ``H^-1 B``; they form a strategy table (:data:`SOLVERS`):
-``"explicit"`` (dense Hessian, Cholesky), ``"cg"`` (conjugate gradient, all columns at once) and
-``"lissa"`` (the stochastic Neumann-series recursion of Agarwal et al.). EK-FAC lives in
-:mod:`rlattr.core.methods.ekfac`.
+Solvers map ``B: Tensor[d, k]`` to ``H^-1 B``: :class:`ExplicitSolver` (dense Hessian, Cholesky),
+:class:`CGSolver` (conjugate gradient, all columns at once) and :class:`LiSSASolver` (the stochastic
+Neumann-series recursion of Agarwal et al.). Each is built from a :class:`CurvatureSpec`; the
+strategy table that selects one (with EK-FAC) is :mod:`rlattr.core.methods.solvers`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, slice_batch
 from rlattr.core.task import Batch, Params, Task
@@ -129,12 +132,10 @@ class ObjectiveHessian:
     def matvec(self, v: Tensor, indices: Tensor | None = None) -> Tensor:
         """``H v`` for ``v: Tensor[d, k]``; with ``indices``, the Hessian of those records only
         (normalised by their count), as LiSSA's minibatches use it."""
-        vs = v.T.to(self.theta.dtype).contiguous()
+        vs = v.T.to(self.theta).contiguous()
         batch = self.batch
         if indices is not None:
-            from torch.utils._pytree import tree_map
-
-            batch = tree_map(lambda x: x[indices] if isinstance(x, Tensor) else x, batch)
+            batch = tree_map(lambda x: x[indices.to(x.device)] if isinstance(x, Tensor) else x, batch)
         n = batch_size(batch)
         out = torch.zeros_like(vs)
         for start in range(0, n, self.chunk_size):
@@ -145,15 +146,17 @@ class ObjectiveHessian:
     def dense(self, block: int = 256) -> Tensor:
         """The whole ``Tensor[d, d]`` (small models only), symmetrised."""
         d = self.dim
-        eye = torch.eye(d, dtype=self.theta.dtype)
+        eye = torch.eye(d, dtype=self.theta.dtype, device=self.theta.device)
         cols = [self.matvec(eye[:, s : s + block]) for s in range(0, d, block)]
         h = torch.cat(cols, dim=1)
         return 0.5 * (h + h.T)
 
     def max_eigenvalue(self, iters: int = 30, seed: int = 0) -> float:
         """Power-iteration estimate of the largest eigenvalue of H."""
-        gen = torch.Generator().manual_seed(seed)
-        v = torch.randn(self.dim, 1, generator=gen, dtype=self.theta.dtype)
+        gen = torch.Generator().manual_seed(seed)  # a CPU stream: the same start vector on any device
+        v = torch.randn(self.dim, 1, generator=gen, dtype=self.theta.dtype, device="cpu").to(
+            self.theta.device
+        )
         lam = 0.0
         for _ in range(iters):
             w = self.matvec(v / v.norm())
@@ -162,10 +165,61 @@ class ObjectiveHessian:
         return abs(lam)
 
 
-class ExplicitSolver:
+@dataclass(frozen=True)
+class CurvatureSpec:
+    """What every inverse-curvature solver is built from.
+
+    Args:
+        task: the Task; its loss gives the Hessian (and EK-FAC's default Fisher).
+        batch: the records the curvature is estimated on.
+        shift: ``l2 + damping``, added to the curvature's diagonal.
+        chunk_size: records per Hessian-vector-product (or EK-FAC) pass.
+        output, output_loss: ``(params, batch) -> Tensor[n, C]`` and ``(z, batch) -> Tensor[n]``:
+            the Gauss-Newton matrix instead of the Hessian (None, None: the Hessian).
+    """
+
+    task: Task
+    batch: Batch
+    shift: float = 0.0
+    chunk_size: int = 256
+    output: Callable[[Params, Batch], Tensor] | None = None
+    output_loss: Callable[[Tensor, Batch], Tensor] | None = None
+
+    def hessian(self) -> ObjectiveHessian:
+        """The spec's curvature as an :class:`ObjectiveHessian` operator."""
+        return ObjectiveHessian(
+            self.task,
+            self.batch,
+            shift=self.shift,
+            chunk_size=self.chunk_size,
+            output=self.output,
+            output_loss=self.output_loss,
+        )
+
+
+class HessianSolver:
+    """Base of the solvers that work on an :class:`ObjectiveHessian` (Hessian or Gauss-Newton)."""
+
+    gauss_newton: ClassVar[bool] = True  # honours CurvatureSpec.output / output_loss
+
+    def __init__(self, hessian: ObjectiveHessian) -> None:
+        self.h = hessian
+
+    @classmethod
+    def from_spec(cls, spec: CurvatureSpec, **options: Any) -> Self:
+        """The solver on ``spec``'s curvature; ``options`` are the constructor's keyword-only ones."""
+        return cls(spec.hessian(), **options)
+
+    def solve(self, b: Tensor) -> Tensor:
+        """``H^-1 b`` for ``b: Tensor[d, k]``, in the Hessian's dtype and device."""
+        raise NotImplementedError
+
+
+class ExplicitSolver(HessianSolver):
     """Dense damped Hessian, Cholesky factorised once. For models of up to a few thousand parameters."""
 
     def __init__(self, hessian: ObjectiveHessian, *, block: int = 256, rtol: float = 1e-10) -> None:
+        super().__init__(hessian)
         h = hessian.dense(block=block)
         chol, info = torch.linalg.cholesky_ex(h)
         diag = torch.diagonal(chol) if int(info) == 0 else None
@@ -180,20 +234,26 @@ class ExplicitSolver:
 
     def solve(self, b: Tensor) -> Tensor:
         """``H^-1 b`` for ``b: Tensor[d, k]``."""
-        return torch.cholesky_solve(b.to(self.chol.dtype), self.chol)
+        return torch.cholesky_solve(b.to(self.chol), self.chol)
 
 
-class CGSolver:
-    """Conjugate gradient on every column of B at once, with Hessian-vector products only."""
+class CGSolver(HessianSolver):
+    """Conjugate gradient on every column of B at once, with Hessian-vector products only.
+
+    CG needs a positive definite ``H + shift I``; it stops with an error naming the negative
+    curvature it met (a non-convex model's Hessian is indefinite: damp it above that, or use the
+    Gauss-Newton matrix).
+    """
 
     def __init__(self, hessian: ObjectiveHessian, *, max_iter: int = 200, tol: float = 1e-8) -> None:
+        super().__init__(hessian)
         if max_iter < 1:
             raise RlattrError(f"max_iter: must be >= 1, got {max_iter}")
-        self.h, self.max_iter, self.tol = hessian, max_iter, tol
+        self.max_iter, self.tol = max_iter, tol
         self.iterations = 0
 
     def solve(self, b: Tensor) -> Tensor:
-        b = b.to(self.h.theta.dtype)
+        b = b.to(self.h.theta)
         x = torch.zeros_like(b)
         r = b.clone()
         p = r.clone()
@@ -206,10 +266,7 @@ class CGSolver:
             curv = (p * hp).sum(0)
             active = rs > stop
             if bool((curv[active] <= 0).any()):
-                raise RlattrError(
-                    "damping: conjugate gradient met non-positive curvature (the Hessian plus l2 + damping "
-                    f"= {self.h.shift:g} is not positive definite); increase damping"
-                )
+                self._refuse_indefinite(p, curv, active)
             alpha = torch.where(active, rs / curv.where(active, torch.ones_like(curv)), 0.0)
             x += alpha * p
             r -= alpha * hp
@@ -219,8 +276,18 @@ class CGSolver:
             self.iterations = it + 1
         return x
 
+    def _refuse_indefinite(self, p: Tensor, curv: Tensor, active: Tensor) -> None:
+        rayleigh = float((curv / (p * p).sum(0).clamp_min(1e-300))[active].min())
+        raise RlattrError(
+            f"damping: conjugate gradient met non-positive curvature: p^T (H + {self.h.shift:g} I) p / "
+            f"p^T p = {rayleigh:.3g} along a search direction, so the Hessian plus l2 + damping is not "
+            "positive definite (the Hessian of a non-convex model, e.g. an MLP, is indefinite); pass a "
+            f"damping at least {-rayleigh:.3g} larger, or output= and output_loss= for the positive "
+            "semi-definite Gauss-Newton matrix"
+        )
 
-class LiSSASolver:
+
+class LiSSASolver(HessianSolver):
     """LiSSA: ``h_t = b + (I - H_t / scale) h_{t-1}``, ``H^-1 b ~ h_T / scale``, averaged over repeats.
 
     ``H_t`` is the Hessian on a random minibatch of ``batch_size`` records (the full batch, and a
@@ -238,23 +305,18 @@ class LiSSASolver:
         repeats: int = 1,
         seed: int = 0,
     ) -> None:
+        super().__init__(hessian)
         if depth < 1 or repeats < 1:
             raise RlattrError(f"depth, repeats: must be >= 1, got {depth}, {repeats}")
         if scale is not None and scale <= 0:
             raise RlattrError(f"scale: must be > 0, got {scale}")
         if batch_size is not None and not 1 <= batch_size <= hessian.n:
             raise RlattrError(f"batch_size: must be in [1, {hessian.n}], got {batch_size}")
-        self.h, self.depth, self.batch_size, self.repeats, self.seed = (
-            hessian,
-            depth,
-            batch_size,
-            repeats,
-            seed,
-        )
+        self.depth, self.batch_size, self.repeats, self.seed = depth, batch_size, repeats, seed
         self.scale = 1.5 * hessian.max_eigenvalue() if scale is None else float(scale)
 
     def solve(self, b: Tensor) -> Tensor:
-        b = b.to(self.h.theta.dtype)
+        b = b.to(self.h.theta)
         gen = torch.Generator().manual_seed(self.seed)
         total = torch.zeros_like(b)
         for _ in range(self.repeats):
@@ -262,11 +324,7 @@ class LiSSASolver:
             for _ in range(self.depth):
                 idx = None
                 if self.batch_size is not None:
-                    idx = torch.randperm(self.h.n, generator=gen)[: self.batch_size]
+                    idx = torch.randperm(self.h.n, generator=gen, device="cpu")[: self.batch_size]
                 est = b + est - self.h.matvec(est, idx) / self.scale
             total += est / self.scale
         return total / self.repeats
-
-
-SolverBuilder = Callable[..., ExplicitSolver | CGSolver | LiSSASolver]
-SOLVERS: dict[str, SolverBuilder] = {"explicit": ExplicitSolver, "cg": CGSolver, "lissa": LiSSASolver}

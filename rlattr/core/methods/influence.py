@@ -10,88 +10,25 @@ however many training records), by one of the strategies of :data:`STRATEGIES`:
   options ``block``, ``rtol``.
 * ``"cg"``: conjugate gradient with Hessian-vector products; options ``max_iter``, ``tol``.
 * ``"lissa"``: LiSSA recursion; options ``depth``, ``scale``, ``batch_size``, ``repeats``, ``seed``.
-* ``"ekfac"``: EK-FAC for Linear / Conv2d layers; options ``fisher_loss``, ``chunk_size``.
+* ``"ekfac"``: EK-FAC for Linear / Conv2d layers; option ``fisher_loss`` (refuses ``output``).
+
+The table and the :class:`~rlattr.core.methods.solvers.Solver` protocol live in
+:mod:`rlattr.core.methods.solvers`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlattr.core.methods.base import Attributor, check_query, query_grads
-from rlattr.core.methods.ekfac import EKFACSolver
-from rlattr.core.methods.hessian import SOLVERS, ObjectiveHessian
+from rlattr.core.methods.base import Attributor, query_grads
+from rlattr.core.methods.hessian import CurvatureSpec
+from rlattr.core.methods.solvers import Solver, build_solver, check_strategy
 from rlattr.core.task import Batch, Task
 from rlattr.errors import RlattrError
-
-
-def _hessian_solver(
-    task: Task,
-    batch: Batch,
-    shift: float,
-    chunk_size: int,
-    strategy: str,
-    curvature: dict[str, Any],
-    **opts: Any,
-) -> Any:
-    hessian = ObjectiveHessian(task, batch, shift=shift, chunk_size=chunk_size, **curvature)
-    return SOLVERS[strategy](hessian, **opts)
-
-
-def _ekfac_solver(
-    task: Task,
-    batch: Batch,
-    shift: float,
-    chunk_size: int,
-    strategy: str,
-    curvature: dict[str, Any],
-    **opts: Any,
-) -> Any:
-    return EKFACSolver(task, batch, shift=shift, **opts)
-
-
-STRATEGIES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
-    # strategy -> (builder, the class whose keyword arguments are the strategy's options)
-    "explicit": (_hessian_solver, SOLVERS["explicit"]),
-    "cg": (_hessian_solver, SOLVERS["cg"]),
-    "lissa": (_hessian_solver, SOLVERS["lissa"]),
-    "ekfac": (_ekfac_solver, EKFACSolver),
-}
-
-
-def build_solver(
-    task: Task,
-    batch: Batch,
-    strategy: str,
-    *,
-    l2: float,
-    damping: float,
-    chunk_size: int,
-    output: Callable[..., Tensor] | None = None,
-    output_loss: Callable[..., Tensor] | None = None,
-    **options: Any,
-) -> Any:
-    """An inverse-Hessian solver (``.solve(B: Tensor[d, k]) -> Tensor[d, k]``) for ``strategy``."""
-    if strategy not in STRATEGIES:
-        raise RlattrError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
-    for name, value in (("l2", l2), ("damping", damping)):
-        if not isinstance(value, (int, float)) or value < 0:
-            raise RlattrError(f"{name}: must be a number >= 0, got {value!r}")
-    builder, cls = STRATEGIES[strategy]
-    allowed = [
-        p
-        for p in inspect.signature(cls.__init__).parameters
-        if p not in ("self", "hessian", "task", "batch", "shift")
-    ]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise RlattrError(f"options: {unknown} not understood by strategy {strategy!r}; it takes {allowed}")
-    curvature = {"output": output, "output_loss": output_loss}
-    return builder(task, batch, float(l2) + float(damping), chunk_size, strategy, curvature, **options)
 
 
 class InfluenceFunction(Attributor):
@@ -100,13 +37,14 @@ class InfluenceFunction(Attributor):
     Args:
         task: the Task; its loss gives ``g_i`` and the Hessian, its target (or its loss on the
             query records) gives ``g_q``.
-        strategy: ``"explicit"``, ``"cg"``, ``"lissa"`` or ``"ekfac"``.
+        strategy: a key of :data:`~rlattr.core.methods.solvers.STRATEGIES`: ``"explicit"``,
+            ``"cg"``, ``"lissa"`` or ``"ekfac"``.
         l2: the L2 coefficient of the training objective (``(l2 / 2) ||theta||^2``); part of H.
         damping: extra numerical damping added to H's diagonal.
         hessian_data: records to estimate H on (default: the cached training records).
         output, output_loss: ``(params, batch) -> Tensor[n, C]`` and ``(z, batch) -> Tensor[n]``:
-            use the Gauss-Newton matrix instead of the Hessian (explicit, CG, LiSSA); for
-            networks whose Hessian is indefinite. Equal to the Hessian for GLMs.
+            use the Gauss-Newton matrix instead of the Hessian (explicit, CG, LiSSA; EK-FAC refuses
+            them); for networks whose Hessian is indefinite. Equal to the Hessian for GLMs.
         chunk_size: records per vmap chunk.
         **options: the strategy's own options (see the module docstring).
     """
@@ -127,32 +65,42 @@ class InfluenceFunction(Attributor):
         super().__init__(task, chunk_size=chunk_size)
         if (output is None) != (output_loss is None):
             raise RlattrError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
+        for name, value in (("l2", l2), ("damping", damping)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
+            ):
+                raise RlattrError(f"{name}: got {value!r}; supported: a finite number >= 0")
+        check_strategy(strategy, options, gauss_newton=output is not None)
         self.output, self.output_loss = output, output_loss
-        if strategy not in STRATEGIES:
-            raise RlattrError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
-        self.strategy, self.l2, self.damping = strategy, l2, damping
+        self.strategy, self.l2, self.damping = strategy, float(l2), float(damping)
         self.hessian_data, self.options = hessian_data, options
-        self.solver: Any = None
+        self._solver: Solver | None = None
+
+    @property
+    def solver(self) -> Solver:
+        """The cached inverse-curvature solver (built by :meth:`cache`)."""
+        if self._solver is None:
+            raise RuntimeError(f"{type(self).__name__}: call cache(train) first")
+        return self._solver
 
     def cache(self, train: Batch) -> InfluenceFunction:
-        data = train if self.hessian_data is None else self.hessian_data
-        self.solver = build_solver(
+        spec = CurvatureSpec(
             self.task,
-            data,
-            self.strategy,
-            l2=self.l2,
-            damping=self.damping,
+            train if self.hessian_data is None else self.hessian_data,
+            shift=self.l2 + self.damping,
             chunk_size=max(self.chunk_size, 256),
             output=self.output,
             output_loss=self.output_loss,
-            **self.options,
         )
+        self._solver = build_solver(spec, self.strategy, **self.options)
         self._train = self._train_features(train, None)
         return self
 
     def query_vectors(self, query: Batch) -> list[Tensor]:
         self._require_cache()
-        check_query(query, self._signature)
+        self.check_query(query)
         return [query_grads(self.task, query, chunk_size=self.chunk_size)]
 
     def score_vectors(self, vectors: list[Tensor]) -> Tensor:

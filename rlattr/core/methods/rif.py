@@ -30,7 +30,7 @@ from torch.func import hessian, jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, slice_batch
-from rlattr.core.methods.base import Attributor, check_query, query_grads
+from rlattr.core.methods.base import Attributor, query_grads
 from rlattr.core.methods.hessian import ObjectiveHessian, ParamLayout
 from rlattr.core.methods.influence import InfluenceFunction
 from rlattr.core.task import Batch, Params, Task
@@ -192,7 +192,7 @@ class NewtonStep(Attributor):
 
     def removal_effect(self, query: Batch, removals: list[Tensor | list[int]]) -> Tensor:
         """``g_q^T dtheta_T``, first-order change of each query loss: ``Tensor[m, len(removals)]``."""
-        check_query(query, self._signature)
+        self.check_query(query)
         q = query_grads(self.task, query, chunk_size=self.chunk_size)
         steps = torch.stack([self.param_change(r) for r in removals], dim=1)
         return q.to(steps.dtype) @ steps

@@ -46,12 +46,14 @@ class GradDot(Attributor):
 
     def attribute(self, query: Batch) -> Tensor:
         train = self._require_cache()
+        self.check_query(query)
         q = query_grads(self.task, query, chunk_size=self.chunk_size)
         if self.projector is not None:
             q = self.projector.project(q)
         return self._prepare(q) @ train.T.to(q.dtype)
 
     def query_vectors(self, query: Batch) -> list[Tensor]:
+        self.check_query(query)
         q = query_grads(self.task, query, chunk_size=self.chunk_size)
         if self.normalize:
             proj = self.projector.project(q) if self.projector is not None else q

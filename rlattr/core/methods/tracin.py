@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from rlattr.core.grads import flatten, iter_per_record_grads
-from rlattr.core.methods.base import Attributor, batch_signature, check_query, query_grads
+from rlattr.core.methods.base import Attributor, batch_signature, query_grads
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
@@ -74,7 +74,7 @@ class TracIn(Attributor):
 
     def cache(self, train: Batch) -> TracIn:
         self._feats = []
-        self._signature = batch_signature(train)  # type: ignore[assignment]
+        self._signature = batch_signature(train)
         for ckpt in self.checkpoints:
             rows = [
                 self._project(flatten(g, self.task.tracked_names))
@@ -87,7 +87,7 @@ class TracIn(Attributor):
         return self
 
     def query_vectors(self, query: Batch) -> list[Tensor]:
-        check_query(query, self._signature)
+        self.check_query(query)
         return [query_grads(self.task, query, params=c, chunk_size=self.chunk_size) for c in self.checkpoints]
 
     def score_vectors(self, vectors: list[Tensor]) -> Tensor:

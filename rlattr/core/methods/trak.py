@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from rlattr.core.grads import flatten, iter_per_record_grads
-from rlattr.core.methods.base import Attributor, batch_signature, check_query, query_grads
+from rlattr.core.methods.base import Attributor, batch_signature, query_grads
 from rlattr.core.methods.tracin import check_checkpoints
 from rlattr.core.projection import ProjectionKind, RandomProjection
 from rlattr.core.task import Batch, Params, Task
@@ -107,7 +107,7 @@ class TRAK(Attributor):
         return phi, torch.linalg.solve(gram, torch.diag(sign))
 
     def cache(self, train: Batch) -> TRAK:
-        self._signature = batch_signature(train)  # type: ignore[assignment]
+        self._signature = batch_signature(train)
         self._parts = [
             self._model_part(train, p, proj) for p, proj in zip(self.models, self.projectors, strict=True)
         ]
@@ -116,7 +116,7 @@ class TRAK(Attributor):
 
     def query_vectors(self, query: Batch) -> list[Tensor]:
         self._require_cache()
-        check_query(query, self._signature)
+        self.check_query(query)
         if self._out_task is None or self.task.target is not None:
             return [query_grads(self.task, query, params=p, chunk_size=self.chunk_size) for p in self.models]
         return [-self._features(self._out_task, query, p, None) for p in self.models]

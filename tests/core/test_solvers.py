@@ -1,0 +1,117 @@
+"""The Solver strategy table: every strategy against a numpy inverse of the closed-form logistic
+Hessian, the options each takes, refused options, and conjugate gradient on an indefinite Hessian."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rlattr.core.methods import STRATEGIES, InfluenceFunction
+from rlattr.core.methods.hessian import CurvatureSpec, ObjectiveHessian
+from rlattr.core.methods.solvers import build_solver, strategy_options
+from rlattr.errors import RlattrError
+from rlattr.testing.supervised import ce_of_logits, classification_task, per_record_logits
+from tests.core._tda import Problem, logreg_closed_form, logreg_problem
+
+SHIFT = 0.5  # damping large enough that LiSSA converges in a few hundred steps
+
+
+@pytest.fixture(scope="module")
+def lr() -> Problem:
+    return logreg_problem()
+
+
+def test_table_names_and_options() -> None:
+    assert sorted(STRATEGIES) == ["cg", "ekfac", "explicit", "lissa"]
+    assert strategy_options("explicit") == ["block", "rtol"]
+    assert strategy_options("cg") == ["max_iter", "tol"]
+    assert strategy_options("lissa") == ["depth", "scale", "batch_size", "repeats", "seed"]
+    assert strategy_options("ekfac") == ["fisher_loss"]  # chunk_size comes from the spec
+    assert [s for s, c in STRATEGIES.items() if c.gauss_newton] == ["explicit", "cg", "lissa"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options", "rtol"),
+    [
+        ("explicit", {}, 1e-9),
+        ("cg", {"max_iter": 300, "tol": 1e-12}, 1e-8),
+        ("lissa", {"depth": 400}, 1e-6),
+    ],
+)
+def test_hessian_strategies_invert_the_closed_form_hessian(
+    lr: Problem, strategy: str, options: dict[str, float], rtol: float
+) -> None:
+    _, h = logreg_closed_form(lr, lr.train["x"], lr.train["y"])
+    hess = h.mean(0) + (lr.l2 + SHIFT) * np.eye(h.shape[1])
+    if strategy == "lissa":
+        options = {**options, "scale": 1.2 * float(np.linalg.eigvalsh(hess)[-1])}
+    b = np.random.default_rng(0).normal(size=(h.shape[1], 3))
+    spec = CurvatureSpec(lr.task, lr.train, shift=lr.l2 + SHIFT)
+    got = build_solver(spec, strategy, **options).solve(torch.tensor(b))
+    np.testing.assert_allclose(got.numpy(), np.linalg.solve(hess, b), rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_ekfac_refuses_a_gauss_newton_curvature_it_would_ignore(lr: Problem) -> None:
+    curv: dict[str, Any] = {"output": per_record_logits(lr.model), "output_loss": ce_of_logits}
+    with pytest.raises(
+        RlattrError, match=r"output, output_loss: strategy 'ekfac' ignores a Gauss-Newton curvature; "
+    ):
+        InfluenceFunction(lr.task, strategy="ekfac", l2=lr.l2, **curv)
+    with pytest.raises(RlattrError, match="output, output_loss: got a Gauss-Newton curvature"):
+        STRATEGIES["ekfac"].from_spec(CurvatureSpec(lr.task, lr.train, shift=lr.l2, **curv))
+
+
+def test_unknown_strategy_and_options_are_refused_at_construction(lr: Problem) -> None:
+    with pytest.raises(RlattrError, match=r"strategy: got 'arnoldi'; supported: \['cg', 'ekfac', 'explicit'"):
+        InfluenceFunction(lr.task, strategy="arnoldi")
+    with pytest.raises(
+        RlattrError, match=r"options: got \['depth'\] for strategy 'cg'; supported: \['max_iter'"
+    ):
+        InfluenceFunction(lr.task, strategy="cg", depth=3)
+    with pytest.raises(RlattrError, match=r"options: got \['chunk_size'\] for strategy 'ekfac'"):
+        build_solver(CurvatureSpec(lr.task, lr.train, shift=lr.l2), "ekfac", chunk_size=8)
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(RlattrError, match=r"damping: got .*; supported: a finite number >= 0"):
+            InfluenceFunction(lr.task, damping=bad)
+
+
+def _indefinite() -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An untrained tanh MLP: its cross-entropy Hessian has negative eigenvalues."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    train = {"x": 2 * torch.randn(30, 4, dtype=torch.float64), "y": torch.randint(0, 3, (30,))}
+    query = {"x": torch.randn(2, 4, dtype=torch.float64), "y": torch.randint(0, 3, (2,))}
+    return model, train, query
+
+
+def test_cg_on_an_indefinite_hessian_names_the_curvature_and_the_remedies() -> None:
+    model, train, query = _indefinite()
+    task = classification_task(model)
+    low = float(torch.linalg.eigvalsh(ObjectiveHessian(task, train).dense())[0])
+    assert low < -1e-3  # the premise: H is indefinite, so l2=1e-3 cannot make it positive definite
+    with pytest.raises(RlattrError, match="non-positive curvature") as err:
+        InfluenceFunction(task, strategy="cg", l2=1e-3).cache(train).attribute(query)
+    message = str(err.value)
+    assert "Gauss-Newton" in message and message.startswith("damping: ")
+    rayleigh = float(re.search(r"p\^T p = (-?[\d.e+-]+) along", message).group(1))  # type: ignore[union-attr]
+    assert low + 1e-3 - 1e-9 <= rayleigh <= 0  # a Rayleigh quotient of H + 1e-3 I: at least its lowest eig
+
+    # remedy 1: damping above |lambda_min| gives the solve of the damped system
+    damping = -low + 0.1
+    cg = InfluenceFunction(task, strategy="cg", l2=1e-3, damping=damping, max_iter=500, tol=1e-12)
+    explicit = InfluenceFunction(task, strategy="explicit", l2=1e-3, damping=damping)
+    torch.testing.assert_close(
+        cg.cache(train).attribute(query), explicit.cache(train).attribute(query), rtol=1e-7, atol=1e-9
+    )
+    # remedy 2: the Gauss-Newton matrix is positive semi-definite, so CG runs with a small l2
+    curv: dict[str, Any] = {"output": per_record_logits(model), "output_loss": ce_of_logits}
+    ggn_cg = InfluenceFunction(task, strategy="cg", l2=1e-3, max_iter=500, tol=1e-12, **curv)
+    ggn_explicit = InfluenceFunction(task, strategy="explicit", l2=1e-3, **curv)
+    torch.testing.assert_close(
+        ggn_cg.cache(train).attribute(query), ggn_explicit.cache(train).attribute(query), rtol=1e-6, atol=1e-8
+    )
