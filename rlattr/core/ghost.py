@@ -63,8 +63,14 @@ class LayerHandler:
 
     ghost_weight = False  # whether the weight term has the ghost form (a, d token features)
 
-    def capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> tuple[Any, Tensor] | None:
-        """``(a, out)``: what to keep of the input, and the output tensor whose gradient is ``d``."""
+    def capture(
+        self, module: nn.Module, args: tuple[Any, ...], output: Any, rows: int | None = None
+    ) -> tuple[Any, Tensor] | None:
+        """``(a, out)``: what to keep of the input, and the output tensor whose gradient is ``d``.
+
+        ``rows``: the number of records of the forward, when known. An ``out`` other than ``output``
+        replaces the layer's output (same values, e.g. a broadcast made explicit).
+        """
         x = args[0]
         if not isinstance(output, Tensor) or not isinstance(x, Tensor):
             return None
@@ -110,7 +116,21 @@ class LinearHandler(LayerHandler):
 
 
 class EmbeddingHandler(LayerHandler):
-    """``y = W[ids]`` (``nn.Embedding``): the gradient of row v of W is the sum of ``d_t`` with ids_t = v."""
+    """``y = W[ids]`` (``nn.Embedding``): the gradient of row v of W is the sum of ``d_t`` with ids_t = v.
+
+    Ids shared by all records (GPT-2's position ids, ``Tensor[1, T]``) give an output that the
+    model broadcasts over the records; it is expanded to ``rows`` records here so that each record's
+    share of the gradient reaches the hook (the expand's backward sums it back, as the broadcast did).
+    """
+
+    def capture(
+        self, module: nn.Module, args: tuple[Any, ...], output: Any, rows: int | None = None
+    ) -> tuple[Any, Tensor] | None:
+        got = super().capture(module, args, output, rows)
+        if got is None or not rows or rows == 1 or got[1].shape[0] != 1 or got[0].shape[0] != 1:
+            return got
+        ids, out = got
+        return ids.expand(rows, *ids.shape[1:]), out.expand(rows, *out.shape[1:])
 
     def features(self, rec: LayerRecord) -> tuple[Tensor, Tensor]:
         ids, d = rec.a, rec.d
@@ -136,7 +156,9 @@ class EmbeddingHandler(LayerHandler):
 class LayerNormHandler(LayerHandler):
     """``y = xhat * w + b`` over the last dimension (``nn.LayerNorm``); ``a`` is the normalised input."""
 
-    def capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> tuple[Any, Tensor] | None:
+    def capture(
+        self, module: nn.Module, args: tuple[Any, ...], output: Any, rows: int | None = None
+    ) -> tuple[Any, Tensor] | None:
         x = args[0]
         shape = getattr(module, "normalized_shape", ())
         if not isinstance(output, Tensor) or not isinstance(x, Tensor) or len(shape) != 1:
@@ -227,6 +249,7 @@ class GhostCapture:
             covered.update(own.values())
         self.uncovered = sorted(set(canonical.values()) - covered)
         self._sink: list[LayerRecord] | None = None
+        self._rows: int | None = None
 
     def add_record(self, rec: LayerRecord, out: Tensor | None = None) -> None:
         """Keep a record made by a custom hook; ``out``'s gradient becomes ``rec.d`` when given."""
@@ -237,29 +260,33 @@ class GhostCapture:
         self._sink.append(rec)
 
     def _hook(self, name: str, module: nn.Module, handler: LayerHandler) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             # gradient checkpointing re-runs forwards inside backward; their outputs get no gradient
             if self._sink is None or not torch.is_grad_enabled() or _inside_backward():
-                return
-            got = handler.capture(mod, args, output)
+                return None
+            got = handler.capture(mod, args, output, self._rows)
             if got is None or not got[1].requires_grad:
-                return
+                return None
             rec = LayerRecord(name, module, handler, got[0])
             got[1].register_hook(_setter(rec))
             self._sink.append(rec)
+            return got[1] if got[1] is not output else None
 
         return hook
 
     @contextmanager
-    def recording(self) -> Iterator[list[LayerRecord]]:
-        """Capture during the forwards run inside; ``d`` fills in during their backward."""
+    def recording(self, rows: int | None = None) -> Iterator[list[LayerRecord]]:
+        """Capture during the forwards run inside; ``d`` fills in during their backward.
+
+        ``rows``: the number of records in those forwards (lets shared-input layers be split per record).
+        """
         sink: list[LayerRecord] = []
         handles = [m.register_forward_hook(self._hook(n, m, h)) for n, (m, h) in self.layers.items()]
-        self._sink = sink
+        self._sink, self._rows = sink, rows
         try:
             yield sink
         finally:
-            self._sink = None
+            self._sink, self._rows = None, None
             for h in handles:
                 h.remove()
 
@@ -342,6 +369,11 @@ def record_dots(capture: GhostCapture, records: list[LayerRecord], target: Ghost
         raise RlattrError("records: no captured layer received a gradient; run backward inside recording()")
     total = torch.zeros(live[0].rows, device=target_device(target), dtype=torch.float64)
     for rec in live:
+        if rec.rows != total.numel():
+            raise RlattrError(
+                f"records: layer {rec.name!r} saw {rec.rows} record(s) where others saw {total.numel()} (an input "
+                "shared across records); supported: per-record inputs, or recording(rows=...) for embeddings"
+            )
         names = capture.param_names.get(rec.name, {})
         direction = {k: target.direction[c] for k, c in names.items() if c in target.direction}
         pair = target.ghost.get(rec.name)
