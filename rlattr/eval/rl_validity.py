@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rlattr.core.methods import GradDot, InfluenceFunction, LearnedWeights, query_grads
+from rlattr.core.methods import GradDot, InfluenceFunction, LearnedWeights
 from rlattr.core.methods.hessian import ObjectiveHessian
 from rlattr.core.task import Batch, Params
 from rlattr.errors import RlattrError
@@ -166,8 +166,7 @@ def score_influence(ctx: RoundContext, damping_ratio: float = 2.0, max_iter: int
             task, strategy="cg", damping=damping_ratio * scale, chunk_size=512, max_iter=max_iter, tol=1e-6
         )
         attributor.cache(train)
-        # the target batch is not shaped like the training records, so skip attribute()'s check
-        return attributor.score_vectors([query_grads(task, query)])[0].double()
+        return attributor.attribute(query)[0].double()
 
 
 def action_log_probs(actor_eval: PolicyEval, n_actions: int) -> Callable[[Params, Batch], Tensor]:
@@ -211,7 +210,7 @@ def score_influence_fisher(ctx: RoundContext, damping_ratio: float = 0.1, max_it
             max_iter=max_iter, tol=1e-6, output=output, output_loss=fisher_output_loss,
         )  # fmt: skip
         attributor.cache(train)
-        return attributor.score_vectors([query_grads(task, query)])[0].double()
+        return attributor.attribute(query)[0].double()
 
 
 def score_learned_weights(ctx: RoundContext) -> Tensor:
