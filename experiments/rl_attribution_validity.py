@@ -15,7 +15,6 @@ and skipped on a re-run; the end writes ``results.json``, plots and ``docs/resul
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -30,6 +29,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rlattr.callbacks.sb3.policy import SB3PolicyEval, tracked_param_names
 from rlattr.callbacks.sb3.replay import RoundRecorder
+from rlattr.core.store import load_json, save_json
 from rlattr.eval.metrics import spearman
 from rlattr.eval.rl_validity import (
     SCORERS,
@@ -40,8 +40,8 @@ from rlattr.eval.rl_validity import (
     params_loaded,
     retrain_targets,
 )
+from rlattr.eval.schema import check_stage, validity_document
 from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round
-from rlattr.rl.snapshots import versions
 from rlattr.rl.targets import ReturnTarget
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -161,6 +161,10 @@ def intervention(model: Any, ctx: RoundContext, scores: torch.Tensor, env_cfg: d
 
 
 def run_stage(model: Any, snap: RoundSnapshot, env_cfg: dict, cfg: dict) -> dict[str, Any]:
+    if snap.theta_next is None:
+        raise SystemExit(
+            f"round {snap.records.round_index}: recorded without theta(k+1); cannot check replay"
+        )
     ctxs = contexts(model, snap)
     t0 = time.perf_counter()
     replayed = replay_round(model.policy, ctxs["buffer"].policy_eval, snap)
@@ -191,10 +195,17 @@ def run_stage(model: Any, snap: RoundSnapshot, env_cfg: dict, cfg: dict) -> dict
     }
 
 
+def _load_stage(path: Path) -> dict[str, Any]:
+    """A finished stage saved by an earlier run, checked against the library's schema."""
+    row = load_json(path)
+    check_stage(path.name, row)
+    return row
+
+
 def run_env(env_cfg: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     stage_files = {s: out / f"stage_{env_cfg['name']}_{s}.json" for s in env_cfg["stages"]}
     if all(f.exists() for f in stage_files.values()):
-        return [json.loads(f.read_text()) for f in stage_files.values()]
+        return [_load_stage(f) for f in stage_files.values()]
     start = time.perf_counter()
     model, snaps, returns = train_and_record(env_cfg, cfg)
     train_seconds = time.perf_counter() - start
@@ -202,13 +213,14 @@ def run_env(env_cfg: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[dic
     rows = []
     for stage, k in env_cfg["stages"].items():
         if stage_files[stage].exists():
-            rows.append(json.loads(stage_files[stage].read_text()))
+            rows.append(_load_stage(stage_files[stage]))
             continue
         t0 = time.perf_counter()
         row = {"env": env_cfg["env_id"], "stage": stage, "round": k, "rollout_return": returns[k]}
         row.update(run_stage(model, snaps[k], env_cfg, cfg))
         row["seconds"], row["train_seconds"] = time.perf_counter() - t0, train_seconds
-        stage_files[stage].write_text(json.dumps(row, indent=1))
+        save_json(stage_files[stage], row)
+        check_stage(stage_files[stage].name, row)
         lds = {s: round(v["lds"], 3) for s, v in row["lds"]["buffer"].items()}
         print(f"[{env_cfg['name']}] {stage} (round {k}): LDS {lds} in {row['seconds']:.0f}s", flush=True)
         rows.append(row)
@@ -234,17 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     stages = [row for env_cfg in envs for row in run_env(env_cfg, cfg, out)]
-    results = {
-        "format": 1,
-        "kind": "rl_attribution_validity",
-        "command": " ".join(["python", *sys.argv]),
-        "config": cfg,
-        "seed": cfg["seed"],
-        "versions": versions(),
-        "seconds": time.perf_counter() - start,
-        "stages": stages,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = validity_document(
+        stages, config=cfg, seed=int(cfg["seed"]), seconds=time.perf_counter() - start
+    )
+    save_json(out / "results.json", results)
     from rlattr.reporting.validity import plot_validity
 
     plot_validity(results, out)

@@ -1,11 +1,7 @@
 """Validity figures of RL attribution scores: local-LDS plots, a Markdown table and a report section.
 
-Input: the document ``experiments/rl_attribution_validity.py`` writes (``results.json``; format 1)::
-
-    {"format": 1, "kind": "rl_attribution_validity", "stages": [
-        {"env": "CartPole-v1", "stage": "early", "round": 1,
-         "lds": {"buffer": {"grad_dot": {"lds": .., "lo": .., "hi": ..}, ...}, "validation": {...}},
-         "ceiling": {"buffer": .., "validation": ..}, "intervention": {...}, ...}, ...]}
+Input: a validity document in the format :mod:`rlattr.eval.schema` owns (built there by
+``experiments/rl_attribution_validity.py``, checked there by every function here).
 
 A run shows its validity figures in ``rlattr report`` when such a document sits at
 ``{run}/rlattr/validity.json`` (or ``{run}/validity.json``): see :func:`validity_section`.
@@ -14,43 +10,16 @@ A run shows its validity figures in ``rlattr report`` when such a document sits 
 from __future__ import annotations
 
 import html
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rlattr.errors import RlattrError
+from rlattr.eval.schema import check_validity, load_validity
 from rlattr.reporting.plots import plt, save
 
-VALIDITY_FORMAT = 1
 VALIDITY_FILES = ("rlattr/validity.json", "validity.json")
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def check_validity(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stages of a validity document; raises ``ValueError`` naming what is wrong."""
-    if not isinstance(results, dict) or results.get("kind") != "rl_attribution_validity":
-        raise RlattrError("results: expected a validity document (kind 'rl_attribution_validity')")
-    if results.get("format", 0) > VALIDITY_FORMAT:
-        raise RlattrError(
-            f"results: format {results.get('format')}; this rlattr reads up to {VALIDITY_FORMAT}"
-        )
-    stages = results.get("stages")
-    if not isinstance(stages, list) or not stages:
-        raise RlattrError("results: 'stages' must be a non-empty list")
-    for i, stage in enumerate(stages):
-        if not isinstance(stage, dict) or not isinstance(stage.get("lds"), dict):
-            raise RlattrError(f"results: stages[{i}] must be an object with an 'lds' mapping")
-        for target in stage["lds"]:
-            # target names become file names and page text: only plain tokens are accepted
-            if not isinstance(target, str) or not _TOKEN.fullmatch(target):
-                raise RlattrError(
-                    f"results: target name {target!r} in stages[{i}]; supported: letters, digits, '_' "
-                    "and '-' (at most 64)"
-                )
-    return stages
 
 
 def plot_validity(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
@@ -147,7 +116,7 @@ def validity_section(run_dir: str | Path, out_dir: str | Path) -> str:
         return ""
     # a received run's document is untrusted: any fault in it is named on the page, not raised
     try:
-        results = json.loads(path.read_text())
+        results = load_validity(path)
         images = "".join(f"<img src='{html.escape(p.name)}'>" for p in plot_validity(results, out_dir))
         tables = "".join(
             f"<h3>local LDS, {html.escape(t)} target</h3><pre>{html.escape(validity_table(results, t))}</pre>"
