@@ -15,7 +15,9 @@ _EXPORTS = {
     "RoundRecorder": "rlattr.callbacks.sb3.replay",
     "IIFGRPOTrainer": "rlattr.callbacks.trl.trainer",
     "IIFRLOOTrainer": "rlattr.callbacks.trl.trainer",
-    "AttributionConfig": "rlattr.callbacks.trl.trainer",
+    "AttributionConfig": "rlattr.callbacks.trl.config",
+    "IIFGRPOConfig": "rlattr.callbacks.trl.config",
+    "IIFRLOOConfig": "rlattr.callbacks.trl.config",
     "AttributionLogger": "rlattr.callbacks.trl.logs",
     "with_attribution": "rlattr.callbacks.trl.trainer",
 }

@@ -1,12 +1,13 @@
 """TRL adapter: GRPO / RLOO trainers that score (and optionally drop) prompt-completion pairs.
 
-Modules: ``trainer`` (AttributionConfig, the mixin, IIFGRPOTrainer, IIFRLOOTrainer), ``batch``
-(row surgery on TRL's generation batch), ``logs`` (AttributionLogger).
+Modules: ``trainer`` (the mixin, IIFGRPOTrainer, IIFRLOOTrainer), ``config`` (IIFGRPOConfig,
+IIFRLOOConfig, AttributionConfig), ``batch`` (row surgery on TRL's generation batch), ``logs``
+(AttributionLogger: TRL's metrics, completion tables, the run folder).
 """
 
+from rlattr.callbacks.trl.config import AttributionConfig, IIFGRPOConfig, IIFRLOOConfig
 from rlattr.callbacks.trl.logs import AttributionLogger
 from rlattr.callbacks.trl.trainer import (
-    AttributionConfig,
     AttributionMixin,
     IIFGRPOTrainer,
     IIFRLOOTrainer,
@@ -17,7 +18,9 @@ __all__ = [
     "AttributionConfig",
     "AttributionLogger",
     "AttributionMixin",
+    "IIFGRPOConfig",
     "IIFGRPOTrainer",
+    "IIFRLOOConfig",
     "IIFRLOOTrainer",
     "with_attribution",
 ]
