@@ -215,6 +215,7 @@ def ppo_hyperparameters(model: PPO) -> dict[str, Any]:
     return {
         "algorithm": type(model).__name__,
         "policy": type(model.policy).__name__,
+        "seed": model.seed,  # None when PPO was not seeded
         "n_steps": model.n_steps,
         "n_envs": model.n_envs,
         "batch_size": model.batch_size,
