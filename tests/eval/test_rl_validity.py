@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
+
 import pytest
 import torch
 from scipy.stats import spearmanr
 
 from rlattr.callbacks.sb3.policy import SB3PolicyEval, tracked_param_names
 from rlattr.core.methods.hessian import ObjectiveHessian
+from rlattr.errors import RlattrError
 from rlattr.eval.groundtruth import subset_masks
 from rlattr.eval.rl_validity import (
     SCORERS,
@@ -24,8 +26,8 @@ from rlattr.eval.rl_validity import (
 )
 from rlattr.rl.attribution import build_round_task
 from rlattr.rl.filtering import NegBottom
-from rlattr.rl.replay import max_abs_diff
-from tests.rl.test_replay import DISCRETE, recorded
+from rlattr.rl.replay import max_abs_diff, replay_round, seeded_permutations
+from tests.rl.test_replay import DISCRETE, brute_force_tracin, recorded
 
 torch.set_num_threads(1)
 
@@ -84,15 +86,78 @@ def test_local_lds_equals_scipy_spearman(ctx: RoundContext) -> None:
         local_lds(ctx, {"bad": torch.zeros(3)}, masks, targets)
 
 
-def test_scorers_are_finite_and_params_restored(ctx: RoundContext) -> None:
+class _Wrapped(torch.nn.Module):
+    """``evaluate_actions`` as ``forward``, so torch.func can call it with given parameters."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.policy.evaluate_actions(obs, actions)
+
+
+def actor_oracle(ctx: RoundContext, names: list[str]) -> dict[str, torch.Tensor]:
+    """At theta(k), by plain autograd through SB3's ``evaluate_actions`` over the flat actor
+    parameters (``names`` order): per-record PPO-loss gradients ``G [n, d]`` (buffer-normalised
+    advantages), the return target's gradient ``g_f [d]`` and the Hessian ``H [d, d]`` of the
+    mean loss."""
+    wrapped = _Wrapped(ctx.model)  # its parameters are replaced by theta(k) in every call
+    theta = ctx.snapshot.theta
+    fixed = {f"policy.{k}": theta.get(k, v).detach() for k, v in ctx.model.named_parameters()}
+    sizes = [fixed[f"policy.{n}"].numel() for n in names]
+    flat0 = torch.cat([fixed[f"policy.{n}"].reshape(-1) for n in names])
+    rec, config = ctx.snapshot.records, ctx.score_config()
+    acts = rec.actions.long().flatten()
+    adv = (rec.advantages - rec.advantages.mean()) / (rec.advantages.std() + 1e-8)
+
+    def evaluate(flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = dict(zip(names, flat.split(sizes), strict=True))
+        params = {**fixed, **{f"policy.{n}": parts[n].view_as(fixed[f"policy.{n}"]) for n in names}}
+        return torch.func.functional_call(wrapped, params, (rec.observations, acts))
+
+    def losses(flat: torch.Tensor) -> torch.Tensor:
+        _, logp, entropy = evaluate(flat)
+        ratio = torch.exp(logp - rec.old_log_prob)
+        c = config.clip_range
+        return -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - c, 1 + c)) - config.ent_coef * entropy
+
+    def target(flat: torch.Tensor) -> torch.Tensor:
+        return (evaluate(flat)[1] * rec.advantages).mean()
+
+    jac = torch.autograd.functional.jacobian
+    return {
+        "G": jac(losses, flat0).double(),
+        "g_f": jac(target, flat0).double(),
+        "H": torch.autograd.functional.hessian(lambda f: losses(f).mean(), flat0).double(),
+    }
+
+
+def test_scorers_equal_autograd_oracles_and_restore_params(ctx: RoundContext) -> None:
     before = {k: v.detach().clone() for k, v in ctx.model.named_parameters()}
-    for name, fn in SCORERS.items():
-        s = fn(ctx)
+    with params_loaded(ctx.model, ctx.snapshot.theta):
+        names = build_round_task(ctx.round_spec())[0].tracked_names
+    oracle = actor_oracle(ctx, names)
+    G, g_f, H = oracle["G"], oracle["g_f"], oracle["H"]
+    scores = {name: fn(ctx) for name, fn in SCORERS.items()}
+    for name, s in scores.items():
         assert s.shape == (32,) and torch.isfinite(s).all(), name
     assert max_abs_diff(before, dict(ctx.model.named_parameters())) == 0.0
-    # influence with heavy damping is grad-dot up to scale: the rankings agree closely
-    g, f = SCORERS["grad_dot"](ctx).numpy(), SCORERS["influence"](ctx).numpy()
-    assert np.corrcoef(g, f)[0, 1] > 0.9
+    # grad-dot: <grad f, -grad L_i>
+    expected = -(G @ g_f)
+    torch.testing.assert_close(
+        scores["grad_dot"], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+    )
+    # influence: -grad f^T (H + lambda I)^-1 grad L_i, lambda = 2 max|eig H| (H is indefinite)
+    radius = float(torch.linalg.eigvalsh(H).abs().max())
+    damped = H + 2.0 * radius * torch.eye(H.shape[0], dtype=H.dtype)
+    expected = -(G @ torch.linalg.solve(damped, g_f))
+    scale = float(expected.abs().max())
+    # the scorer's lambda comes from 40 power iterations, not an exact eigensolver
+    torch.testing.assert_close(scores["influence"], expected, rtol=2e-3, atol=2e-3 * scale)
+    # TracIn over the round's update steps: the plain-autograd replay of tests/rl/test_replay.py
+    expected = brute_force_tracin(ctx.model, ctx.snapshot)
+    torch.testing.assert_close(scores["tracin"], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_intervention_drops_the_neg_bottom_records(ctx: RoundContext) -> None:
@@ -126,3 +191,16 @@ def test_fisher_curvature_is_the_policy_fisher(ctx: RoundContext) -> None:
                 fisher += logp.exp().item() * torch.outer(g, g)
     expected = (fisher / len(rec)) @ v.double()
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_retrain_subset_on_all_records_is_a_replay_with_seeded_order() -> None:
+    model, recorder = recorded(DISCRETE, rounds=1)
+    snap, evaluator = recorder.snapshots[0], SB3PolicyEval(model.policy, with_values=True)
+    n = len(snap.records)
+    theta = retrain_subset(model.policy, evaluator, snap, torch.ones(n, dtype=torch.bool), seed=4)
+    seeded = replace(snap, permutations=seeded_permutations(n, snap.hyper.n_epochs, 4))
+    assert max_abs_diff(theta, replay_round(model.policy, evaluator, seeded).theta) == 0.0
+    with pytest.raises(
+        RlattrError, match=rf"^keep: expected a bool Tensor\[{n}\], got torch.float32 \({n},\)$"
+    ):
+        retrain_subset(model.policy, evaluator, snap, torch.ones(n), seed=0)

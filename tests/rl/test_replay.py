@@ -17,7 +17,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from rlattr.callbacks.sb3.iif import IIFCallback
 from rlattr.callbacks.sb3.policy import SB3PolicyEval, tracked_param_names
 from rlattr.callbacks.sb3.replay import RoundRecorder, sb3_permutations
-from rlattr.eval.rl_validity import retrain_subset
 from rlattr.rl.replay import RoundSnapshot, max_abs_diff, replay_round, seeded_permutations
 from rlattr.rl.targets import ReturnTarget
 from tests.callbacks.sb3.envs import SMALL_NET, ToyEnv
@@ -105,17 +104,6 @@ def test_seeded_permutations_and_snapshot_validation() -> None:
     snap = recorder.snapshots[0]
     with pytest.raises(ValueError, match="permutations: entry 0"):
         replace(snap, permutations=[torch.zeros(len(snap.records), dtype=torch.int64)])
-
-
-def test_retrain_subset_on_all_records_is_a_replay_with_seeded_order() -> None:
-    model, recorder = recorded(DISCRETE, rounds=1)
-    snap, evaluator = recorder.snapshots[0], SB3PolicyEval(model.policy, with_values=True)
-    n = len(snap.records)
-    theta = retrain_subset(model.policy, evaluator, snap, torch.ones(n, dtype=torch.bool), seed=4)
-    seeded = replace(snap, permutations=seeded_permutations(n, snap.hyper.n_epochs, 4))
-    assert max_abs_diff(theta, replay_round(model.policy, evaluator, seeded).theta) == 0.0
-    with pytest.raises(ValueError, match="keep: expected a bool"):
-        retrain_subset(model.policy, evaluator, snap, torch.ones(n), seed=0)
 
 
 def brute_force_tracin(model: PPO, snap: RoundSnapshot) -> torch.Tensor:
