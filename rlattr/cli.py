@@ -64,7 +64,8 @@ def _cmd_init_config(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from rlattr.reporting.report import write_report
 
-    index = write_report(args.run, args.out, recent=args.recent, top_k=args.top_k)
+    progress = False if args.no_progress else None  # None: a bar when stderr is a terminal
+    index = write_report(args.run, args.out, recent=args.recent, top_k=args.top_k, progress=progress)
     print(f"report: {index}")
     return 0
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="output folder; None: RUN/report")
     report.add_argument("--recent", type=int, default=5, help="rounds with a top/bottom table")
     report.add_argument("--top-k", type=int, default=10, help="rows per side of the tables")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

@@ -25,7 +25,7 @@ def run(out_dir: str | Path, timesteps: int = PPO_DEMO["total_timesteps"], progr
     config = config_from_dict({**PPO_DEMO, "runs_dir": str(out_dir), "total_timesteps": timesteps}, "demo")
     print(f"[rlattr demo] PPO on CartPole-v1 for {timesteps} steps, every round scored (return target)")
     run_dir = train(config, progress_bar=progress_bar)
-    index = write_report(run_dir)
+    index = write_report(run_dir, progress=None if progress_bar else False)
     print(
         f"\n[rlattr demo] done.\n  report:      {index}\n  tensorboard: tensorboard --logdir {run_dir}"
         f"  (attr/ tags)\n  snapshots:   {run_dir / 'rlattr'}  (python: rlattr.load_run('{run_dir}'))"
