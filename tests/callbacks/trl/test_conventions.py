@@ -182,3 +182,90 @@ def test_tensorboard_and_completion_tables_on_trl_step(tmp_path: Path) -> None:
     }
     assert (tmp_path / "completions" / "completions_00002.parquet").is_file()  # TRL's own table beside it
     assert not (tmp_path / "rlattr").exists()  # attr_save=False
+
+
+class InProcessVLLMClient:
+    """TRL's ``VLLMClient`` interface served by a copy of the policy in this process (no vLLM, no server).
+
+    ``generate`` samples ``n`` completions per prompt at the given temperature and returns the sampled
+    tokens' log-probs, as a vLLM server started with ``--logprobs-mode processed_logprobs`` does;
+    ``update_named_params`` receives the weights TRL streams to the server before each step.
+    """
+
+    def __init__(self, model: Any, eos_token_id: int, seed: int = 0) -> None:
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        self.eos = eos_token_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.requests: list[list[list[int]]] = []
+        self.responses: list[list[list[int]]] = []
+        self.syncs = 0
+
+    def get_server_info(self) -> dict:
+        return {"model_config": {"logprobs_mode": "processed_logprobs"}}
+
+    def update_named_params(self, metadata: Any, params: Any) -> None:
+        own = dict(self.model.named_parameters())
+        for name, value in params:
+            own[name].data.copy_(value)
+        self.syncs += 1
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], n: int = 1, temperature: float = 1.0, max_tokens: int = 16, **kw: Any
+    ) -> dict:
+        completions: list[list[int]] = []
+        logprobs: list[list[list[float]]] = []
+        for ids in prompts:
+            x, done = torch.tensor([ids] * n), torch.zeros(n, dtype=torch.bool)
+            comp: list[list[int]] = [[] for _ in range(n)]
+            lps: list[list[list[float]]] = [[] for _ in range(n)]
+            for _ in range(max_tokens):
+                logp = torch.log_softmax(self.model(x).logits[:, -1].float() / temperature, -1)
+                tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
+                for j in range(n):
+                    if not done[j]:
+                        comp[j].append(int(tok[j]))
+                        lps[j].append([float(logp[j, tok[j]])])
+                done |= tok == self.eos
+                if bool(done.all()):
+                    break
+                x = torch.cat([x, tok[:, None]], 1)
+            completions += comp
+            logprobs += lps
+        self.requests.append(prompts)
+        self.responses.append(completions)
+        return {"prompt_ids": prompts, "completion_ids": completions, "logprobs": logprobs}
+
+
+def test_vllm_server_mode_generates_the_held_out_batch_through_trl_client(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """use_vllm=True (server mode, TRL's importance-sampling correction on): the f_seq batch is one more
+    request to TRL's vLLM client, with no extra weight sync, and its reward is what the client sampled."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    tok = char_tokenizer()
+    model = tiny_gpt2(tok)
+    client = InProcessVLLMClient(model, tok.eos_token_id)
+    monkeypatch.setattr(VLLMGeneration, "_init_vllm", lambda self: setattr(self, "vllm_client", client))
+    args = _args(IIFGRPOConfig, tmp_path, "--use_vllm", "true", "--vllm_mode", "server")
+    assert args.vllm_importance_sampling_correction
+    data = Dataset.from_dict({"prompt": PROMPTS})
+    t = IIFGRPOTrainer(model=model, reward_funcs=digits, args=args, train_dataset=data, processing_class=tok)
+    t.train()
+    assert client.syncs == 2  # one per optimizer step, none for the held-out batch
+    asked = [[tok.decode(p) for p in req] for req in client.requests]
+    assert len(asked) == 4 and asked[1] == asked[3] == TARGET  # training batch, then the held-out prompts
+    assert all(set(a) <= set(PROMPTS) for a in asked[0::2])
+    for k, rec in enumerate(t.attribution_history):
+        texts = [tok.decode(c, skip_special_tokens=True) for c in client.responses[2 * k + 1]]
+        assert rec["target_reward"] == pytest.approx(sum(digits(texts)) / len(texts))
+        assert rec["scores"].shape == (8,) and torch.isfinite(rec["scores"]).all()
+    logged = [e for e in t.state.log_history if "loss" in e]
+    assert all("attr/score_mean" in e and "sampling/importance_sampling_ratio/mean" in e for e in logged)
+    assert load_run(tmp_path).rounds == [0, 1]
