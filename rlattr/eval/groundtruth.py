@@ -30,6 +30,7 @@ from torch import Tensor
 from rlattr.core.store import load_json, load_tensors, save_json, save_tensors
 from rlattr.core.task import Params
 from rlattr.errors import RlattrError
+from rlattr.progress import progress_bar
 
 Retrain = Callable[[Tensor, int], Params]
 Evaluate = Callable[[Params], Tensor]
@@ -111,10 +112,13 @@ def run_jobs(
             if path.exists():
                 results[j] = load_tensors(path)[0]["value"]
     todo = [j for j in range(count) if j not in results]
-    for j, value in _map_jobs(job, todo, processes):
-        results[j] = value.detach().cpu()
-        if folder is not None:
-            save_tensors(folder / f"job_{j:05d}.safetensors", {"value": results[j]}, {"index": j})
+    # retrainings take minutes: a bar on stderr when it is a terminal
+    with progress_bar("ground-truth retraining", len(todo)) as advance:
+        for j, value in _map_jobs(job, todo, processes):
+            results[j] = value.detach().cpu()
+            if folder is not None:
+                save_tensors(folder / f"job_{j:05d}.safetensors", {"value": results[j]}, {"index": j})
+            advance()
     return torch.stack([results[j] for j in range(count)])
 
 

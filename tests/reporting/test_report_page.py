@@ -20,7 +20,6 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from rlattr.callbacks.sb3.iif import IIFCallback
 from rlattr.callbacks.sb3.influence import InfluenceCallback
-from rlattr.progress import progress_bar
 from rlattr.reporting.plots import summary_curves
 from rlattr.reporting.report import write_report
 from rlattr.reporting.run_sections import probe_labels, return_by_round
@@ -125,18 +124,6 @@ def test_every_summary_panel_has_a_y_label() -> None:
     labels = [ax.get_ylabel() for ax in fig.axes if ax.get_visible()]
     plt.close(fig)
     assert labels == ["units of a", "b"]
-
-
-def test_progress_bar_counts_and_can_be_off() -> None:
-    calls = []
-    with progress_bar("x", 3, enabled=False) as advance:
-        for i in range(3):
-            advance(note=str(i))
-            calls.append(i)
-    with progress_bar("x", 2, enabled=True) as advance:
-        advance()
-        advance(note="done")
-    assert calls == [0, 1, 2]
 
 
 CHECK = """<script>

@@ -1,0 +1,35 @@
+"""The one progress bar: ground-truth retraining advances it once per job that actually runs."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+import rlattr.eval.groundtruth as groundtruth
+from rlattr.progress import progress_bar
+
+
+def test_retraining_advances_once_per_job_run(tmp_path, monkeypatch) -> None:
+    seen: list[tuple[str, int]] = []
+    steps: list[int] = []
+
+    @contextmanager
+    def recorder(description: str, total: int, enabled: bool | None = None):  # noqa: ANN202
+        seen.append((description, total))
+        yield lambda n=1, note="": steps.append(n)
+
+    monkeypatch.setattr(groundtruth, "progress_bar", recorder)
+    out = groundtruth.run_jobs(lambda j: torch.tensor([float(j)]), 4, out_dir=tmp_path)
+    assert out.reshape(-1).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert seen == [("ground-truth retraining", 4)] and sum(steps) == 4
+    (tmp_path / "job_00002.safetensors").unlink()  # resume: only the missing job runs again
+    groundtruth.run_jobs(lambda j: torch.tensor([float(j)]), 4, out_dir=tmp_path)
+    assert seen[-1] == ("ground-truth retraining", 1) and sum(steps) == 5
+
+
+def test_bar_off_is_a_no_op_and_on_runs() -> None:
+    for enabled in (False, True):
+        with progress_bar("x", 2, enabled=enabled) as advance:
+            advance()
+            advance(note="done")
