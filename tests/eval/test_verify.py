@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,19 +26,22 @@ from rlattr.eval.verify.tasks import calibrated_claim, digits_margins, digits_re
 from rlattr.testing.supervised import load_digits_split
 
 
-def linear_target(n: int, seed: int = 0) -> tuple[Claim, object]:
-    """An exactly linear f(S) = b + sum_{i in S} tau_i with known coefficients, and a call counter."""
+class Counted:
+    """``retrain(mask) -> float`` of an exactly linear datamodel, counting its calls."""
+
+    def __init__(self, truth: Claim) -> None:
+        self.truth, self.calls = truth, 0
+
+    def __call__(self, mask: torch.Tensor) -> float:
+        self.calls += 1
+        return float(self.truth.predict(mask[None])[0])
+
+
+def linear_target(n: int, seed: int = 0) -> tuple[Claim, Counted]:
+    """An exactly linear f(S) = b + sum_{i in S} tau_i with known coefficients, and its retraining."""
     gen = torch.Generator().manual_seed(seed)
     truth = Claim(0.7, torch.randn(n, generator=gen, dtype=torch.float64))
-
-    class Counted:
-        calls = 0
-
-        def __call__(self, mask: torch.Tensor) -> float:
-            Counted.calls += 1
-            return float(truth.predict(mask[None])[0])
-
-    return truth, Counted()
+    return truth, Counted(truth)
 
 
 def exact_excess(claim: Claim, truth: Claim) -> float:
@@ -114,10 +118,9 @@ def test_retrainings_do_not_grow_with_n() -> None:
     assert k == math.ceil(math.log(2 / 0.05) / 0.2)
     for n in (50, 500, 2000):
         truth, retrain = linear_target(n)
-        type(retrain).calls = 0  # type: ignore[attr-defined]
         t = Verifier(retrain, 0.2, 0.05, seed=0, queries=200).run(FabricatingProver(truth))
         assert t.accepted  # answers from the true model are right answers
-        assert t.n_retrainings == k == type(retrain).calls  # type: ignore[attr-defined]
+        assert t.n_retrainings == k == retrain.calls
 
 
 def test_fit_datamodel_recovers_known_coefficients() -> None:
@@ -130,7 +133,7 @@ def test_fit_datamodel_recovers_known_coefficients() -> None:
     assert torch.allclose(calibrated.scores, truth.scores, atol=1e-9)
 
 
-def test_transcript_round_trip(tmp_path) -> None:
+def test_transcript_round_trip(tmp_path: Path) -> None:
     truth, retrain = linear_target(13)
     t = Verifier(retrain, 0.3, 0.1, seed=5).run(HonestProver(DISHONEST["permuted"](truth, 0), retrain))
     path = t.save(tmp_path / "t.json")
