@@ -21,13 +21,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer  # noqa: E402
@@ -45,7 +46,7 @@ from rlattr.testing.tiny_lm import (  # noqa: E402
 )
 
 ARMS = ("grpo", "iif", "random")
-MODEL = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32}
+MODEL: dict[str, Any] = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32}
 
 
 class StepClock(TrainerCallback):
@@ -55,14 +56,16 @@ class StepClock(TrainerCallback):
         self.t0 = time.perf_counter()
         self.seconds: list[float] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.t0 = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.seconds.append(time.perf_counter() - self.t0)
 
 
-def sampled_accuracy(model, tok, prompts: list[str], n: int = 8, seed: int = 0) -> float:  # noqa: ANN001
+def sampled_accuracy(
+    model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, prompts: list[str], n: int = 8, seed: int = 0
+) -> float:
     """Fraction of ``n`` sampled completions per prompt that are exactly right (temperature 1)."""
     torch.manual_seed(seed)
     model.eval()
@@ -73,7 +76,15 @@ def sampled_accuracy(model, tok, prompts: list[str], n: int = 8, seed: int = 0) 
     return float(np.mean(addition_reward([p for p in prompts for _ in range(n)], comps)))
 
 
-def run_arm(arm: str, seed: int, state: dict, tok, train: list[str], held: list[str], args) -> dict:  # noqa: ANN001
+def run_arm(
+    arm: str,
+    seed: int,
+    state: dict[str, torch.Tensor],
+    tok: PreTrainedTokenizerFast,
+    train: list[str],
+    held: list[str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     model = tiny_gpt2(tok, **MODEL)
     model.load_state_dict(state)
     cfg = GRPOConfig(
@@ -92,7 +103,12 @@ def run_arm(arm: str, seed: int, state: dict, tok, train: list[str], held: list[
         disable_dropout=True,
         disable_tqdm=True,
     )
-    kw = {"model": model, "reward_funcs": addition_closeness_reward, "args": cfg, "processing_class": tok}
+    kw: dict[str, Any] = {
+        "model": model,
+        "reward_funcs": addition_closeness_reward,
+        "args": cfg,
+        "processing_class": tok,
+    }
     kw["train_dataset"] = Dataset.from_dict({"prompt": train})
     if arm == "grpo":
         trainer = GRPOTrainer(**kw)
@@ -115,9 +131,9 @@ def run_arm(arm: str, seed: int, state: dict, tok, train: list[str], held: list[
         "seconds": clock.seconds,
         "kept_fraction": [float(r["keep"].float().mean()) for r in hist],
         "hook_seconds": [float(r["seconds"]) for r in hist],
-        "train_acc": sampled_accuracy(trainer.model, tok, train, seed=seed),
+        "train_acc": sampled_accuracy(model, tok, train, seed=seed),
         "target_reward": [float(r["target_reward"]) for r in hist],
-        "heldout_acc": sampled_accuracy(trainer.model, tok, held, seed=seed),
+        "heldout_acc": sampled_accuracy(model, tok, held, seed=seed),
     }
 
 
@@ -186,12 +202,7 @@ def main() -> None:
                 flush=True,
             )
             runs.append(res)
-    result = {
-        "args": vars(args),
-        "pretrain": pre,
-        "provenance": provenance(),
-    }
-    result["runs"] = runs
+    result = {"args": vars(args), "pretrain": pre, "provenance": provenance(), "runs": runs}
     save_json(Path(args.out) / "results.json", result)  # atomic
     write_report(result, args)
 

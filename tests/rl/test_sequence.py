@@ -64,7 +64,7 @@ def _brute_force(model: nn.Module, cfg: SequenceLossConfig, train: dict, target:
     for i in range(train["input_ids"].shape[0]):
         row = {k: v[i : i + 1] for k, v in train.items()}
         gi = torch.autograd.grad(loss(named, row).sum(), params)
-        out.append(-sum((a * b).sum() for a, b in zip(gf, gi, strict=True)))
+        out.append(-torch.stack([(a * b).sum() for a, b in zip(gf, gi, strict=True)]).sum())
     return torch.stack(out)
 
 
@@ -139,19 +139,19 @@ def test_pair_scales_by_hand() -> None:
 def test_fallback_warns_and_stays_exact() -> None:
     class NoJvp(torch.autograd.Function):  # works with reverse mode, has no forward-mode rule
         @staticmethod
-        def forward(x):  # noqa: ANN001, ANN205
+        def forward(x):
             return x.clone()
 
         @staticmethod
-        def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
+        def setup_context(ctx, inputs, output):
             pass
 
         @staticmethod
-        def backward(ctx, g):  # noqa: ANN001, ANN205
+        def backward(ctx, g):
             return g
 
     class Wrapped(TinyLM):
-        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN202
+        def forward(self, input_ids, attention_mask):
             return NoJvp.apply(super().forward(input_ids, attention_mask))
 
     model, cfg = Wrapped(), SequenceLossConfig("grpo")
