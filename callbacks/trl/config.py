@@ -21,7 +21,7 @@ from typing import Any
 from trl import GRPOConfig, RLOOConfig
 
 from rlattr.errors import ConfigError, RlattrError
-from rlattr.rl.filtering import NegBottom, SelectionRule
+from rlattr.rl.filtering import SelectionRule, make_rule
 
 
 def _check_int(name: str, value: object, low: int) -> None:
@@ -87,7 +87,7 @@ class AttributionConfig:
         _check_int("log_text_k", self.log_text_k, 0)
         if self.log_dir is not None and not isinstance(self.log_dir, str):
             raise RlattrError(f"log_dir: got {self.log_dir!r}; supported: a folder path (str) or None")
-        self.selection = self.rule or NegBottom(self.p, min_keep=self.min_keep)
+        self.selection = self.rule or make_rule("neg-bottom", p=self.p, min_keep=self.min_keep)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (saved in the run folder's ``run.json``)."""
