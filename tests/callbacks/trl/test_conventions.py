@@ -263,9 +263,22 @@ def test_vllm_server_mode_generates_the_held_out_batch_through_trl_client(
     assert len(asked) == 4 and asked[1] == asked[3] == TARGET  # training batch, then the held-out prompts
     assert all(set(a) <= set(PROMPTS) for a in asked[0::2])
     for k, rec in enumerate(t.attribution_history):
-        texts = [tok.decode(c, skip_special_tokens=True) for c in client.responses[2 * k + 1]]
-        assert rec["target_reward"] == pytest.approx(sum(digits(texts)) / len(texts))
+        texts = [str(tok.decode(c, skip_special_tokens=True)) for c in client.responses[2 * k + 1]]
+        expected = sum(sum(ch.isdigit() for ch in text) for text in texts) / len(texts)
+        assert rec["target_reward"] == pytest.approx(expected)
         assert rec["scores"].shape == (8,) and torch.isfinite(rec["scores"]).all()
     logged = [e for e in t.state.log_history if "loss" in e]
     assert all("attr/score_mean" in e and "sampling/importance_sampling_ratio/mean" in e for e in logged)
     assert load_run(tmp_path).rounds == [0, 1]
+
+
+def test_resuming_from_a_checkpoint_continues_the_run(tmp_path: Path) -> None:
+    first = _trainer(_args(IIFGRPOConfig, tmp_path, "--save_strategy", "steps", "--save_steps", "2"))
+    first.train()
+    again = _trainer(_args(IIFGRPOConfig, tmp_path, "--max_steps", "3"))
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    run = load_run(tmp_path)
+    assert run.rounds == [0, 1, 2] and [s["round"] for s in run.summaries] == [0, 1, 2]
+    assert run.batch(2).global_step == 2 and torch.equal(
+        run.batch(2).scores, again.attribution_history[0]["scores"]
+    )
