@@ -278,6 +278,7 @@ def test_resuming_from_a_checkpoint_continues_the_run(tmp_path: Path) -> None:
     again = _trainer(_args(IIFGRPOConfig, tmp_path, "--max_steps", "3"))
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     run = load_run(tmp_path)
+    assert isinstance(run, PairRun)
     assert run.rounds == [0, 1, 2] and [s["round"] for s in run.summaries] == [0, 1, 2]
     assert run.batch(2).global_step == 2 and torch.equal(
         run.batch(2).scores, again.attribution_history[0]["scores"]
