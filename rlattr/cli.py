@@ -77,6 +77,22 @@ def _cmd_demo_ppo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlattr.callbacks.sb3.verify import VerifyOptions, verify_round
+
+    options = VerifyOptions(args.epsilon, args.delta, args.queries, args.calibration, args.seed)
+    transcript = verify_round(args.run, args.round, options)
+    out = Path(args.out) if args.out else Path(args.run) / f"verify_round_{args.round:05d}.json"
+    transcript.save(out)
+    print(
+        f"{transcript.decision.upper()}: {transcript.reason}\n  Verifier retrainings: "
+        f"{transcript.n_retrainings}; Prover answers: {len(transcript.answers)}\n  transcript: {out}"
+    )
+    return 0 if transcript.accepted else 1
+
+
 def _sub(sub: Any, name: str, help: str, func: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -138,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--recent", type=int, default=5, help="rounds with a top/bottom table")
     report.add_argument("--top-k", type=int, default=10, help="rows per side of the tables")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify = _sub(
+        sub, "verify", "verify a PPO round's stored scores as a datamodel (Prover / Verifier)", _cmd_verify
+    )
+    verify.add_argument("run", help="run folder written by `rlattr train`")
+    verify.add_argument("--round", type=int, required=True, help="round with a full snapshot")
+    verify.add_argument("--epsilon", type=float, default=0.2, help="tolerated excess MSE / Var(f), in (0, 1)")
+    verify.add_argument("--delta", type=float, default=0.05, help="failure probability, in (0, 1)")
+    verify.add_argument("--queries", type=int, default=None, help="Prover answers; None: 4 sqrt(n+1)/epsilon")
+    verify.add_argument("--calibration", type=int, default=32, help="Prover retrainings to fit scale")
+    verify.add_argument("--seed", type=int, default=None, help="Verifier's secret seed; None: from the OS")
+    verify.add_argument("--out", default=None, help="transcript file; None: RUN/verify_round_K.json")
     return parser
 
 
