@@ -13,19 +13,20 @@ to a generation batch (and before it shuffles and splits it into micro-batches),
    their rows, so they contribute no gradient and every normaliser counts only kept rows and tokens
    (``num_items_in_batch`` is recomputed over all processes).
 
-Use ``IIFGRPOTrainer(..., attribution=AttributionConfig(target_prompts=[...]))`` (or
-``IIFRLOOTrainer``, or :func:`with_attribution` on a subclass of either). Scores, drop decisions and
-timings are kept in ``trainer.attribution_history`` and written as ``attr/*`` TensorBoard tags by
-:class:`AttributionLogger`.
+Use ``IIFGRPOTrainer(..., args=IIFGRPOConfig(..., attr_target_prompts=[...]))`` (the ``attr_*`` fields
+also parse from the command line with ``TrlParser``), or the shortcut
+``IIFGRPOTrainer(..., attribution=AttributionConfig(target_prompts=[...]))``; likewise ``IIFRLOOTrainer``
+with ``IIFRLOOConfig``, or :func:`with_attribution` on a subclass of either. Scores, drop decisions and
+timings are kept in ``trainer.attribution_history``; :class:`AttributionLogger` adds the ``attr/*``
+scalars to TRL's own logged metrics and saves every scored batch under ``{output_dir}/rlattr``.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,110 +34,28 @@ from torch import Tensor
 from trl import GRPOTrainer, RLOOTrainer
 
 from rlattr.callbacks.trl.batch import compact_rows, fit_to_micro_batches, keep_rows, pair_batch
-from rlattr.callbacks.trl.logs import AttributionLogger, top_bottom_rows
-from rlattr.core.task import Task
-from rlattr.errors import RlattrError
-from rlattr.rl.filtering import NegBottom, SelectionRule
-from rlattr.rl.sequence import (
-    GRPO_LOSS_TYPES,
-    SCORE_METHODS,
-    SequenceLossConfig,
-    pair_scales,
-    pair_scores,
-    sequence_task,
-    target_direction,
+from rlattr.callbacks.trl.config import AttributionConfig, IIFGRPOConfig, IIFRLOOConfig, resolve_attribution
+from rlattr.callbacks.trl.fused import (
+    PendingBatch,
+    TrlCapture,
+    kept_factor,
+    micro_batch_scores,
+    pair_target,
+    remove_rows,
+    scoring_plan,
 )
+from rlattr.callbacks.trl.logs import AttributionLogger, run_info, top_bottom_rows
+from rlattr.core.ghost import GhostTarget
+from rlattr.errors import RlattrError
 
 SUPPORTED_TRAINERS = ("trl.GRPOTrainer", "trl.RLOOTrainer")
 
 
-@dataclass
-class AttributionConfig:
-    """Settings of the TRL attribution hook.
-
-    Args:
-        target_prompts: held-out prompts for f_seq: dataset rows (dicts with a ``"prompt"`` key and
-            any columns the reward functions read) or plain strings. Split evenly over processes.
-        drop: drop pairs before the update (IIF); ``False`` only scores and logs them.
-        p: fraction of the negative-scored pairs to drop, most negative first (1.0 = all).
-        rule: a :class:`~rlattr.rl.filtering.SelectionRule` overriding ``p`` (e.g. a RandomDrop).
-        min_keep: the rule keeps at least this many pairs of the whole generation batch.
-        target_every: recompute f_seq's gradient every this many generation batches (1 = always).
-        method: how pair scores are computed: ``"auto"``, ``"jvp"`` or ``"loop"``.
-        log_text_k: the k best and k worst pairs are logged as text (0 = none).
-        log_dir: TensorBoard folder when the trainer has no TensorBoard callback of its own.
-    """
-
-    target_prompts: Sequence[Any]
-    drop: bool = True
-    p: float = 1.0
-    rule: SelectionRule | None = None
-    min_keep: int = 1
-    target_every: int = 1
-    method: str = "auto"
-    log_text_k: int = 3
-    log_dir: str | None = None
-    selection: SelectionRule = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        rows = list(self.target_prompts) if self.target_prompts is not None else []
-        if not rows:
-            raise RlattrError("target_prompts: need at least one held-out prompt, got none")
-        bad = [r for r in rows if not isinstance(r, str) and not (isinstance(r, dict) and "prompt" in r)]
-        if bad:
-            raise RlattrError(f"target_prompts: each must be a str or a dict with 'prompt'; got {bad[0]!r}")
-        self.target_prompts = [{"prompt": r} if isinstance(r, str) else dict(r) for r in rows]
-        if self.rule is not None and not isinstance(self.rule, SelectionRule):
-            raise TypeError(f"rule: expected a SelectionRule, got {type(self.rule).__name__}")
-        if self.method not in SCORE_METHODS:
-            raise RlattrError(f"method: got {self.method!r}; supported: {SCORE_METHODS}")
-        for name in ("target_every", "min_keep"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise RlattrError(f"{name}: must be an int >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.log_text_k, int) or self.log_text_k < 0:
-            raise RlattrError(f"log_text_k: must be an int >= 0, got {self.log_text_k!r}")
-        self.selection = self.rule or NegBottom(self.p, min_keep=self.min_keep)
-
-
-def _loss_config(trainer: Any) -> SequenceLossConfig:
-    """Check the trainer's settings against what :mod:`rlattr.rl.sequence` mirrors; build its loss config."""
-    if isinstance(trainer, GRPOTrainer):
-        if trainer.loss_type not in GRPO_LOSS_TYPES:
-            raise RlattrError(
-                f"loss_type: got {trainer.loss_type!r}; the attribution hook mirrors GRPO loss types "
-                f"{GRPO_LOSS_TYPES}"
-            )
-        unsupported = {
-            "use_vllm=True": trainer.use_vllm,
-            "top_entropy_quantile<1": trainer.top_entropy_quantile < 1.0,
-            "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
-            "an entropy bonus (entropy_coef / adaptive entropy)": trainer._entropy_bonus_enabled,
-        }
-        if any(unsupported.values()):
-            names = [k for k, v in unsupported.items() if v]
-            raise RlattrError(f"args: the attribution hook does not mirror {names}; turn them off")
-        return SequenceLossConfig(
-            loss_type=trainer.loss_type,
-            epsilon_low=trainer.epsilon_low,
-            epsilon_high=trainer.epsilon_high,
-            delta=getattr(trainer.args, "delta", None),
-            beta=trainer.beta,
-            bias_correction_kl=bool(getattr(trainer.args, "use_bias_correction_kl", False)),
-            importance_sampling_level=trainer.importance_sampling_level,
-            temperature=trainer.temperature,
+def _check_trainer(trainer: Any) -> None:
+    if not isinstance(trainer, (GRPOTrainer, RLOOTrainer)):
+        raise TypeError(
+            f"trainer: {type(trainer).__name__} is not supported; supported: {SUPPORTED_TRAINERS} and subclasses"
         )
-    if isinstance(trainer, RLOOTrainer):
-        if trainer.use_vllm:
-            raise RlattrError("args: the attribution hook does not mirror use_vllm=True; turn it off")
-        return SequenceLossConfig(
-            loss_type="rloo",
-            epsilon_low=trainer.epsilon_low,
-            epsilon_high=trainer.epsilon_high,
-            temperature=trainer.temperature,
-        )
-    raise TypeError(
-        f"trainer: {type(trainer).__name__} is not supported; supported: {SUPPORTED_TRAINERS} and subclasses"
-    )
 
 
 @contextmanager
@@ -155,28 +74,6 @@ def _metrics_restored(trainer: Any) -> Iterator[dict[str, float]]:
         trainer.state.num_input_tokens_seen = seen
 
 
-@contextmanager
-def _functorch_safe(model: torch.nn.Module) -> Iterator[None]:
-    """Lift transformers' ``make_inputs_require_grads`` hook (gradient checkpointing) for a while.
-
-    It calls ``requires_grad_`` inside the forward, which torch.func transforms refuse; the scores
-    do not need it (the tracked parameters are the differentiated inputs).
-    """
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    saved = dict(emb._forward_hooks) if emb is not None else {}
-    if emb is not None:
-        for key, fn in saved.items():
-            if getattr(fn, "__name__", "") == "make_inputs_require_grads":
-                del emb._forward_hooks[key]
-    try:
-        yield
-    finally:
-        if emb is not None:
-            emb._forward_hooks.clear()
-            emb._forward_hooks.update(saved)
-
-
 class AttributionMixin:
     """Mixin for ``GRPOTrainer`` / ``RLOOTrainer`` subclasses: ``attribution=AttributionConfig(...)``."""
 
@@ -188,19 +85,31 @@ class AttributionMixin:
     num_generations: Any
     max_completion_length: Any
     add_callback: Any
+    temperature: float
+    current_gradient_accumulation_steps: int
 
     def __init__(self, *args: Any, attribution: AttributionConfig | None = None, **kwargs: Any) -> None:
-        if not isinstance(attribution, AttributionConfig):
-            raise TypeError(f"attribution: expected an AttributionConfig, got {type(attribution).__name__}")
+        # settings from attribution= or from args=IIFGRPOConfig(attr_...); checked before TRL's heavy init
+        attribution = resolve_attribution(kwargs.get("args", args[2] if len(args) > 2 else None), attribution)
         super().__init__(*args, **kwargs)
         self.attribution = attribution
-        self._attr_loss = _loss_config(self)
-        self._attr_task: Task | None = None
-        self._attr_direction: dict[str, Tensor] | None = None
+        _check_trainer(self)
+        self._attr_plan = scoring_plan(self, attribution.drop)
+        self._attr_capture = TrlCapture(self.accelerator.unwrap_model(self.model), self.temperature)
+        if self._attr_capture.uncovered:
+            raise RlattrError(
+                f"model: trainable parameters in layers without a gradient-capture handler: "
+                f"{self._attr_capture.uncovered[:5]}; supported: nn.Linear, nn.Embedding, nn.LayerNorm, "
+                "transformers Conv1D, peft LoRA (register others with rlattr.core.ghost.register_handler)"
+            )
+        self._attr_direction: GhostTarget | None = None
+        self._attr_pending: PendingBatch | None = None
         self._attr_round = 0
         self._attr_target_reward = float("nan")
         self.attribution_history: list[dict[str, Any]] = []
-        self.attribution_logger = AttributionLogger(log_dir=attribution.log_dir)
+        self.attribution_logger = AttributionLogger(
+            log_dir=attribution.log_dir, save=attribution.save, run_info=run_info(self, attribution.to_dict())
+        )
         self.attribution_logger.bind(self)
         self.add_callback(self.attribution_logger)
 
@@ -233,66 +142,157 @@ class AttributionMixin:
             torch.manual_seed(seed % (2**63))
             yield
 
-    def _target_direction(self, task: Task, target_out: dict[str, Any] | None) -> dict[str, Tensor]:
+    def _target_generation(self) -> dict[str, Any] | None:
+        """TRL's own generation batch for the held-out prompts when f_seq is due for a refresh, else None.
+
+        It goes through the trainer's ``_generate_and_score_completions`` (in train mode, so with TRL's
+        sampling settings, its reward functions and its vLLM client when ``use_vllm=True``), on a RNG
+        stream of its own, and leaves TRL's metrics and completion logs as they were.
+        """
+        if self._attr_direction is not None and self._attr_round % self.attribution.target_every != 0:
+            return None
+        with _metrics_restored(self) as found, self._own_rng():
+            out = super()._generate_and_score_completions(self._target_rows())  # type: ignore[misc]
+        self._attr_target_reward = found.get("target_reward", float("nan"))
+        return out
+
+    def _target_direction(self, target_out: dict[str, Any] | None) -> GhostTarget:
+        """grad f_seq on the held-out generation batch, with the layer features of its ghost form."""
         if target_out is None:
             raise RuntimeError("attribution: no held-out generation to build f_seq from")
-        direction = target_direction(task, pair_batch(target_out))
-        if self.accelerator.num_processes > 1:
-            names = list(direction)
-            flat = torch.cat([direction[k].reshape(-1) for k in names])
-            flat = self.accelerator.reduce(flat, reduction="mean")
-            parts = torch.split(flat, [direction[k].numel() for k in names])
-            direction = {k: v.view_as(direction[k]) for k, v in zip(names, parts, strict=True)}
-        return direction
-
-    def _pair_scales(self, out: dict[str, Any], loss_mask: Tensor) -> Tensor:
-        return pair_scales(
-            self._attr_loss.loss_type,
-            loss_mask,
-            micro_batch_size=self.args.per_device_train_batch_size,
-            grad_accum_steps=self.args.gradient_accumulation_steps,
-            steps_per_generation=self.args.steps_per_generation,
-            num_processes=self.accelerator.num_processes,
-            max_completion_length=self.max_completion_length,
-            num_items_in_batch=out.get("num_items_in_batch"),
-        ).to(loss_mask.device)
-
-    def _score_local(self, out: dict[str, Any]) -> tuple[Tensor, float]:
-        """Local pair scores ``Tensor[n_local]`` and the seconds spent on the target."""
         model = self.accelerator.unwrap_model(self.model)
-        if self._attr_task is None:
-            self._attr_task = sequence_task(model, self._attr_loss)
-        task = self._attr_task
-        t0 = time.perf_counter()
-        target_out = None
-        if self._attr_direction is None or self._attr_round % self.attribution.target_every == 0:
-            with _metrics_restored(self) as found, self._own_rng():  # train mode: TRL's sampling settings
-                target_out = super()._generate_and_score_completions(self._target_rows())  # type: ignore[misc]
-            self._attr_target_reward = found.get("target_reward", float("nan"))
         was_training = model.training
-        model.eval()  # scores of the loss without dropout (identical to TRL's with disable_dropout=True)
+        model.eval()  # f_seq without dropout
         try:
-            with torch.enable_grad(), _functorch_safe(model):
-                direction = self._attr_direction
-                if target_out is not None or direction is None:
-                    direction = self._attr_direction = self._target_direction(task, target_out)
-                t_target = time.perf_counter() - t0
-                batch = pair_batch(out, self._attr_loss.beta)
-                batch["scale"] = self._pair_scales(out, batch["loss_mask"])
-                scores = pair_scores(task, batch, direction, method=self.attribution.method)
+            return pair_target(self, self._attr_capture, model, target_out)
         finally:
             model.train(was_training)
-        return scores.float(), t_target
+
+    def _refresh_target(self) -> float:
+        """Refresh grad f_seq when due (every ``target_every`` generation batches); the seconds spent."""
+        t0 = time.perf_counter()
+        target_out = self._target_generation()
+        if target_out is not None or self._attr_direction is None:
+            self._attr_direction = self._target_direction(target_out)
+        return time.perf_counter() - t0
+
+    def _score_local(self, out: dict[str, Any]) -> Tensor:
+        """Pair scores ``Tensor[n_local]`` from a pass through TRL's own loss before the update.
+
+        The fallback where the training backward cannot give them (see :func:`scoring_plan`): the
+        generation batch in ``steps_per_generation`` micro-batches, TRL's ``compute_loss`` on each,
+        one captured backward whose parameter gradients are thrown away; TRL's metrics and the
+        global RNG (dropout) are left as they were.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        n, steps = out["advantages"].shape[0], self.args.steps_per_generation
+        size = n // steps  # TRL's split_tensor_dict floors too; the remainder is never trained on
+        scores = torch.zeros(n, dtype=torch.float64)
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = self.accelerator.device
+        direction = self._attr_direction
+        assert direction is not None
+        with (
+            _metrics_restored(self),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        ):
+            for start in range(0, size * steps, size):
+                rows = torch.zeros(n, dtype=torch.bool)
+                rows[start : start + size] = True
+                with self._attr_capture.recording(rows=size) as records:
+                    loss = super().compute_loss(model, keep_rows(out, rows))  # type: ignore[misc]
+                if not getattr(self, "loss_is_scaled_for_ga", False):  # RLOO: the HF Trainer divides
+                    loss = loss / self.current_gradient_accumulation_steps
+                torch.autograd.grad(loss, params, allow_unused=True)
+                part = micro_batch_scores(self._attr_capture, records, direction)
+                scores[start : start + size] = part.cpu().double()
+        return (scores / self.accelerator.num_processes).float()
 
     def _attribute_generation_batch(self, out: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        local, t_target = self._score_local(out)
-        n_local, rank = local.numel(), self.accelerator.process_index
+        pair_batch(out)  # input checks: one advantage per completion, no multimodal batch
+        t_target = self._refresh_target()
+        if self._attr_plan.fused:  # scored inside TRL's own training steps (compute_loss / training_step)
+            out["attr_row"] = torch.arange(out["advantages"].shape[0], device=out["advantages"].device)
+            self._attr_pending = PendingBatch(
+                out,
+                steps=self.args.steps_per_generation,
+                keep_records=self.attribution.drop,
+                seconds=time.perf_counter() - t0,
+                seconds_target=t_target,
+            )
+            return out
+        scores, keep, notes = self._decide(self._score_local(out))
+        n_local, rank = out["advantages"].shape[0], self.accelerator.process_index
+        self._record(out, scores, keep, notes, time.perf_counter() - t0, t_target)
+        if not bool(keep.all()):
+            counts = [
+                int(keep[r * n_local : (r + 1) * n_local].sum())
+                for r in range(self.accelerator.num_processes)
+            ]
+            out = compact_rows(out, keep[rank * n_local : (rank + 1) * n_local], max(counts))
+            if "num_items_in_batch" in out:
+                loss_mask = pair_batch(out)["loss_mask"]
+                out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        return out
+
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """TRL's own loss; on a micro-batch of a generation batch being scored, with its layers captured."""
+        pending = self._attr_pending
+        rows = inputs.get("attr_row") if isinstance(inputs, dict) else None
+        if pending is None or rows is None or not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        with self._attr_capture.recording(rows=int(rows.numel())) as records:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        pending.current = (rows, records)
+        return loss
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
+        """TRL's step; then the pairs of its micro-batch are scored from the captured backward."""
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        pending = self._attr_pending
+        if pending is not None and pending.current is not None:
+            self._score_micro_batch(pending)
+        return loss
+
+    def _score_micro_batch(self, pending: PendingBatch) -> None:
+        t0 = time.perf_counter()
+        assert pending.current is not None and self._attr_direction is not None
+        rows, records = pending.current
+        pending.current = None
+        part = micro_batch_scores(self._attr_capture, records, self._attr_direction)
+        pending.scores[rows.cpu()] = part.cpu().double() / self.accelerator.num_processes
+        if pending.keep_records:
+            pending.micro.append((rows, records))
+        pending.done += 1
+        pending.seconds += time.perf_counter() - t0
+        if pending.done == pending.steps:  # the last micro-batch: before the optimizer step
+            self._attr_pending = None
+            self._finish_fused(pending)
+
+    def _finish_fused(self, pending: PendingBatch) -> None:
+        """Decide on the scored generation batch; IIF: take the dropped pairs out of the gradients."""
+        t0 = time.perf_counter()
+        scores, keep, notes = self._decide(pending.scores.float())
+        n_local, rank = pending.scores.numel(), self.accelerator.process_index
+        mine = keep[rank * n_local : (rank + 1) * n_local]
+        if not bool(mine.all()):
+            factor = kept_factor(self._attr_plan.loss_type, pending.out, mine)
+            model = self.accelerator.unwrap_model(self.model)
+            remove_rows(self._attr_capture, model, pending.micro, ~mine, factor)
+        pending.micro.clear()
+        seconds = pending.seconds + time.perf_counter() - t0
+        self._record(pending.out, scores, keep, notes, seconds, pending.seconds_target)
+
+    def _decide(self, local: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+        """Gathered scores ``Tensor[n]``, the kept mask ``Tensor[n]`` and notes, the same on every process."""
+        n_local = local.numel()
         scores = self.accelerator.gather(local.to(self.accelerator.device)).cpu()
         result = self.attribution.selection(scores) if self.attribution.drop else None
         keep = result.keep.clone() if result is not None else torch.ones(scores.numel(), dtype=torch.bool)
         notes = [result.note] if result is not None and result.note else []
-        mine = slice(rank * n_local, (rank + 1) * n_local)
         # every rank applies the same rule to the same gathered scores, so decisions agree across ranks
         n_rule = int(keep.sum())
         for r in range(self.accelerator.num_processes):
@@ -303,17 +303,21 @@ class AttributionMixin:
                 f"kept {int(keep.sum()) - n_rule} more pair(s) than the rule so that each process's kept "
                 f"pairs split into steps_per_generation={self.args.steps_per_generation} equal micro-batches"
             )
+        return scores, keep, notes
+
+    def _record(
+        self,
+        out: dict[str, Any],
+        scores: Tensor,
+        keep: Tensor,
+        notes: list[str],
+        seconds: float,
+        t_target: float,
+    ) -> None:
+        n_local, rank = out["advantages"].shape[0], self.accelerator.process_index
+        mine = slice(rank * n_local, (rank + 1) * n_local)
         rows = top_bottom_rows(self, out, scores, mine, self.attribution.log_text_k)
         advantages = self.accelerator.gather(out["advantages"].float()).cpu()
-        if not bool(keep.all()):
-            counts = [
-                int(keep[r * n_local : (r + 1) * n_local].sum())
-                for r in range(self.accelerator.num_processes)
-            ]
-            out = compact_rows(out, keep[mine], max(counts))
-            if "num_items_in_batch" in out:
-                loss_mask = pair_batch(out)["loss_mask"]
-                out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         record = {
             "round": self._attr_round,
             "global_step": self.state.global_step,
@@ -322,7 +326,7 @@ class AttributionMixin:
             "advantages": advantages,
             "group_size": self.num_generations,
             "target_reward": self._attr_target_reward,
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
             "seconds_target": t_target,
             "note": "; ".join(notes),
             "text": rows,
@@ -330,7 +334,6 @@ class AttributionMixin:
         self.attribution_history.append(record)
         self.attribution_logger.record(record)
         self._attr_round += 1
-        return out
 
 
 def with_attribution(trainer_cls: type) -> type:
@@ -352,7 +355,9 @@ __all__ = [
     "AttributionConfig",
     "AttributionLogger",
     "AttributionMixin",
+    "IIFGRPOConfig",
     "IIFGRPOTrainer",
+    "IIFRLOOConfig",
     "IIFRLOOTrainer",
     "fit_to_micro_batches",
     "compact_rows",

@@ -29,9 +29,10 @@ class Recording(IIFGRPOTrainer):
     """Keeps each rank's local scores beside the gathered ones."""
 
     def _score_local(self, out):  # noqa: ANN001, ANN202
-        scores, seconds = super()._score_local(out)
+        # IIF over several processes scores in a pass through TRL's loss before the update
+        scores = super()._score_local(out)
         self.local_scores = [*getattr(self, "local_scores", []), scores.detach().clone()]
-        return scores, seconds
+        return scores
 
 
 def main(out_dir: str, loss_type: str) -> None:

@@ -26,7 +26,11 @@ from rlattr.errors import RlattrError  # noqa: E402
 from rlattr.rl.filtering import BottomFraction  # noqa: E402
 from tests.callbacks.trl.test_trainer import N, PROMPTS, TARGET, _generate, _grad, make  # noqa: E402
 
-TOKEN_LOSSES = ("dapo", "cispo", "vespo")  # normalised by num_items_in_batch: a row alone keeps the normaliser
+TOKEN_LOSSES = (
+    "dapo",
+    "cispo",
+    "vespo",
+)  # normalised by num_items_in_batch: a row alone keeps the normaliser
 
 
 def _lora() -> Any:
@@ -41,7 +45,12 @@ def _trainer(tmp_path: Path, loss_type: str, steps: int, attribution: Attributio
         over["loss_type"] = loss_type
     # steps micro-batches per generation batch, one optimizer step: N / steps pairs each
     return make(
-        cls, tmp_path, attribution, per_device_train_batch_size=N // steps, gradient_accumulation_steps=steps, **over
+        cls,
+        tmp_path,
+        attribution,
+        per_device_train_batch_size=N // steps,
+        gradient_accumulation_steps=steps,
+        **over,
     )
 
 
@@ -58,7 +67,9 @@ def _train_micro_batches(t: Any, out: dict[str, Any], steps: int, order: torch.T
     """What TRL's training steps do with a generation batch: shuffle, split, loss, backward; scored as they go."""
     out = dict(out)
     out["attr_row"] = torch.arange(N)
-    t._attr_pending = PendingBatch(out, steps=steps, keep_records=t.attribution.drop, seconds=0.0, seconds_target=0.0)
+    t._attr_pending = PendingBatch(
+        out, steps=steps, keep_records=t.attribution.drop, seconds=0.0, seconds_target=0.0
+    )
     shuffled = {k: v[order] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in out.items()}
     for chunk in split_tensor_dict(shuffled, steps):
         loss = t.compute_loss(t.model, chunk)
@@ -91,13 +102,22 @@ def test_fused_scores_equal_per_row_autograd_of_trl_loss(
     tmp_path: Path, loss_type: str, steps: int, lora: bool, beta: float
 ) -> None:
     over: dict[str, Any] = {"beta": beta} if beta else {}
-    t = _trainer(tmp_path, loss_type, steps, AttributionConfig(TARGET, drop=False), peft=_lora() if lora else None, **over)
+    t = _trainer(
+        tmp_path,
+        loss_type,
+        steps,
+        AttributionConfig(TARGET, drop=False),
+        peft=_lora() if lora else None,
+        **over,
+    )
     assert t._attr_plan.fused, t._attr_plan.reason
     out, target_out = _generate(t, PROMPTS[:2]), _generate(t, TARGET)
     gf = _f_seq_grad(t, target_out)
     t._attr_direction = t._target_direction(target_out)
     direction = t._attr_direction.direction
-    torch.testing.assert_close(torch.cat([d.reshape(-1) for d in direction.values()]), gf, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.cat([d.reshape(-1) for d in direction.values()]), gf, rtol=1e-4, atol=1e-6
+    )
     order = torch.randperm(N, generator=torch.Generator().manual_seed(3))
     _train_micro_batches(t, out, steps, order)
     scores = t.attribution_history[-1]["scores"]
@@ -135,8 +155,12 @@ def test_fused_scores_sum_to_the_batch_gradient_with_entropy_mask_and_bonus(tmp_
     torch.testing.assert_close(got, -(gf @ total), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize(("loss_type", "steps"), [("grpo", 2), ("dapo", 1), ("bnpo", 1), ("rloo", 2), ("vespo", 2)])
-def test_iif_surgery_leaves_exactly_trl_gradient_on_kept_rows(tmp_path: Path, loss_type: str, steps: int) -> None:
+@pytest.mark.parametrize(
+    ("loss_type", "steps"), [("grpo", 2), ("dapo", 1), ("bnpo", 1), ("rloo", 2), ("vespo", 2)]
+)
+def test_iif_surgery_leaves_exactly_trl_gradient_on_kept_rows(
+    tmp_path: Path, loss_type: str, steps: int
+) -> None:
     t = _trainer(tmp_path, loss_type, steps, AttributionConfig(TARGET, rule=BottomFraction(0.25)))
     assert t._attr_plan.fused, t._attr_plan.reason
     out, target_out = _generate(t, PROMPTS[:2]), _generate(t, TARGET)

@@ -5,6 +5,7 @@ Everything is offline: a GPT-2 from a tiny config and a character-level tokenize
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -25,7 +26,6 @@ from rlattr.callbacks.trl.trainer import (  # noqa: E402
     with_attribution,
 )
 from rlattr.rl.filtering import BottomFraction  # noqa: E402
-from rlattr.rl.sequence import sequence_task  # noqa: E402
 from rlattr.testing.tiny_lm import char_tokenizer, tiny_gpt2  # noqa: E402
 
 PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
@@ -98,54 +98,7 @@ def _single_row_grads(trainer, out: dict, rows: list[int], items: torch.Tensor |
     return grads
 
 
-# per-row weight that turns TRL's single-row loss into the row's share of the whole batch's loss
-CASES = [
-    ("grpo", 1 / N, False),
-    ("dapo", 1.0, False),
-    ("dr_grpo", 1 / N, False),
-    ("luspo", 1 / N, False),
-    ("rloo", 1 / N, False),
-    ("dapo", 1.0, True),  # LoRA adapters (peft): only they are tracked
-]
-
-
-@pytest.mark.parametrize(("loss_type", "row_weight", "lora"), CASES)
-def test_scores_equal_per_completion_autograd_on_trl_loss(
-    tmp_path, loss_type: str, row_weight: float, lora: bool
-) -> None:  # noqa: ANN001
-    cls = IIFRLOOTrainer if loss_type == "rloo" else IIFGRPOTrainer
-    over = {} if loss_type == "rloo" else {"loss_type": loss_type}
-    peft = None
-    if lora:
-        from peft import LoraConfig
-
-        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
-    t = make(cls, tmp_path, AttributionConfig(TARGET, drop=False, target_every=10**6), peft=peft, **over)
-    out, target_out = _generate(t, PROMPTS[:2]), _generate(t, TARGET)
-    # f_seq from TRL's own per-token log-probs, one backward pass
-    ids = torch.cat([target_out["prompt_ids"], target_out["completion_ids"]], 1)
-    am = torch.cat([target_out["prompt_mask"], target_out["completion_mask"]], 1)
-    c = target_out["completion_ids"].shape[1]
-    logps = t._get_per_token_logps_and_entropies(t.model, ids, am, c)[0]
-    f = ((logps * target_out["completion_mask"]).sum(1) * target_out["advantages"]).mean()
-    gf = _grad(t, f)
-    gi = _single_row_grads(t, out, list(range(N)), out.get("num_items_in_batch"))
-    expected = torch.stack([-row_weight * (gf @ g) for g in gi])
-    # the hook's path: its task, its direction, its per-pair scores
-    t._attr_task = sequence_task(t.model, t._attr_loss)
-    if lora:
-        assert t._attr_task.tracked_names and all("lora_" in n for n in t._attr_task.tracked_names)
-    direction = t._target_direction(t._attr_task, target_out)
-    torch.testing.assert_close(
-        torch.cat([d.reshape(-1) for d in direction.values()]), gf, rtol=1e-4, atol=1e-6
-    )
-    t._attr_direction, t._attr_round = direction, 1
-    scores, _ = t._score_local(out)
-    assert expected.abs().max() > 1e-5
-    torch.testing.assert_close(scores, expected, rtol=2e-3, atol=1e-6)
-    # the per-pair losses add up to TRL's loss on the whole batch, gradients included
-    total = _grad(t, t._compute_loss(t.model, out))
-    torch.testing.assert_close(sum(row_weight * g for g in gi), total, rtol=1e-4, atol=1e-6)
+# Fused scores against TRL's own loss row by row, for every loss type: tests/callbacks/trl/test_fused.py
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "rloo"])
@@ -154,6 +107,7 @@ def test_dropped_completions_give_the_gradient_of_the_batch_without_them(tmp_pat
     over = {} if loss_type == "rloo" else {"loss_type": loss_type}
     t = make(cls, tmp_path, AttributionConfig(TARGET, rule=BottomFraction(0.375)), **over)
     out = _generate(t, PROMPTS[:2])
+    t._attr_plan = dataclasses.replace(t._attr_plan, fused=False)  # the fallback: score, then drop rows
     filtered = t._attribute_generation_batch(dict(out))
     keep = t.attribution_history[-1]["keep"]
     kept = torch.nonzero(keep).flatten().tolist()
@@ -197,7 +151,10 @@ def test_trainers_train_with_the_hook_and_log_attr_tags(tmp_path, cls: type) -> 
         assert n_neg_kept == 0 or "steps_per_generation=2" in rec["note"]
     assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
     acc = EventAccumulator(t.attribution_logger.log_dir).Reload()
-    assert {"attr/kept_fraction", "attr/score_mean", "attr/seconds"} <= set(acc.Tags()["scalars"])
+    # scalars go through TRL's own metrics, so its TensorBoard callback writes them under train/
+    assert {"train/attr/kept_fraction", "train/attr/score_mean", "train/attr/seconds"} <= set(
+        acc.Tags()["scalars"]
+    )
     assert "attr/score_hist" in acc.Tags()["histograms"]
     assert any(tag.startswith("attr/top_completions") for tag in acc.Tags()["tensors"])
     assert str(tmp_path) in t.attribution_logger.log_dir
@@ -208,10 +165,8 @@ def test_unsupported_trainer_and_settings_fail_clearly(tmp_path) -> None:  # noq
 
     with pytest.raises(TypeError, match="trainer_cls: .*SFTTrainer.*supported"):
         with_attribution(SFTTrainer)
-    with pytest.raises(ValueError, match="loss_type: got 'sapo'"):
-        make(IIFGRPOTrainer, tmp_path, AttributionConfig(TARGET), loss_type="sapo")
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        make(IIFGRPOTrainer, tmp_path, AttributionConfig(TARGET), top_entropy_quantile=0.5)
+    # nothing is mirrored any more: sapo and entropy masks are scored through TRL's own loss
+    assert make(IIFGRPOTrainer, tmp_path, AttributionConfig(TARGET), loss_type="sapo")._attr_plan.fused
     with pytest.raises(TypeError, match="attribution: expected an AttributionConfig"):
         make(IIFGRPOTrainer, tmp_path)
     with pytest.raises(ValueError, match="target_prompts"):
