@@ -43,6 +43,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 from torch import Tensor
 
+from rlattr.callbacks.sb3.guards import check_buffer_shape, check_finite, check_trainable
 from rlattr.callbacks.sb3.policy import (
     PARAM_SETS,
     SB3PolicyEval,
@@ -57,8 +58,14 @@ from rlattr.errors import RlattrError, check_int
 from rlattr.reporting.summary import score_summary
 from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
-from rlattr.rl.records import RecordBatch, RecordId, flatten_observations, index_observations
-from rlattr.rl.snapshots import SnapshotWriter, run_metadata
+from rlattr.rl.records import (
+    RecordBatch,
+    RecordId,
+    flatten_observations,
+    index_observations,
+    unflatten_observations,
+)
+from rlattr.rl.snapshots import SnapshotWriter, load_run, run_metadata
 from rlattr.rl.targets import ActionTarget, TargetSpec, make_target
 
 
@@ -74,33 +81,6 @@ def preserved_rng():
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise RlattrError(
-            f"{name}: expected an integer >= 1{' or None' if allow_none else ''}, got {value!r}"
-        )
-
-
-def check_finite(records: RecordBatch) -> None:
-    """Name non-finite rewards (or advantages, values) of a round before they reach the gradients."""
-    k = records.round_index
-    n_bad = int((~torch.isfinite(records.rewards)).sum())
-    if n_bad:
-        raise RlattrError(
-            f"rewards: round {k} holds {n_bad} non-finite reward(s) (NaN or inf) from the environment, so "
-            "its advantages are not finite either; fix or clip the rewards (e.g. a gymnasium wrapper)"
-        )
-    for name in ("advantages", "values", "returns"):
-        n_bad = int((~torch.isfinite(getattr(records, name))).sum())
-        if n_bad:
-            raise RlattrError(
-                f"{name}: round {k} holds {n_bad} non-finite {name} (NaN or inf) although the rewards are "
-                "finite: the value network diverged (lower the learning rate or clip gradients)"
-            )
 
 
 class InfluenceCallback(BaseCallback):
@@ -163,14 +143,14 @@ class InfluenceCallback(BaseCallback):
         super().__init__(verbose=verbose)
         self.target = make_target(target, **(target_kwargs or {}))
         for name, value in (("every", every), ("top_k", top_k), ("snapshot_every", snapshot_every)):
-            _positive_int(name, value)
+            check_int(name, value)
         for name, value in (("image_every", image_every), ("validation_steps", validation_steps)):
-            _positive_int(name, value)
-        _positive_int("keep_last", keep_last, allow_none=True)
+            check_int(name, value)
+        check_int("keep_last", keep_last, allow_none=True)
         check_int("keep_rounds", keep_rounds, allow_none=True)
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise RlattrError(f"log_dir: expected a path (str or os.PathLike) or None, got {log_dir!r}")
-        _positive_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
         if params not in PARAM_SETS:
             raise RlattrError(f"params: got {params!r}; supported: {PARAM_SETS}")
         if advantage_norm not in ("auto", *ADVANTAGE_NORMS):
@@ -192,7 +172,7 @@ class InfluenceCallback(BaseCallback):
         self.keep_rounds = keep_rounds
         self.validation_env, self.validation_steps = validation_env, validation_steps
         if isinstance(probe_states, int):
-            _positive_int("probe_states", probe_states)
+            check_int("probe_states", probe_states)
         elif probe_states is not None and not (isinstance(probe_states, tuple) and len(probe_states) == 2):
             raise RlattrError(
                 f"probe_states: expected an int, (observations, actions) or None, got {probe_states!r}"
@@ -223,11 +203,7 @@ class InfluenceCallback(BaseCallback):
         self._bound_model = self.model
         policy = self.model.policy
         self.param_names = tracked_param_names(policy, self.params)
-        if not self.param_names:
-            raise RlattrError(
-                f"params: no trainable {self.params} parameter (every one has requires_grad=False), so "
-                "there is no gradient to score; unfreeze some (or pass params='all')"
-            )
+        check_trainable(self.param_names, self.params)
         self.policy_eval = SB3PolicyEval(policy, with_values=self.params == "all")
         # torch loads its forward-mode AD decompositions on the first jvp of a process (~0.5-1 s):
         # pay it here, at training start, rather than inside round 0's timing.
@@ -261,6 +237,7 @@ class InfluenceCallback(BaseCallback):
             )
             if self._resume_round is not None:
                 self._snapshots.discard_from(self._resume_round)
+                self._reload_probes()
             if self.tensorboard:
                 from rlattr.reporting.tensorboard import AttrWriter
 
@@ -315,6 +292,17 @@ class InfluenceCallback(BaseCallback):
         check_int("round_index", round_index, low=0)
         self._resume_round = self.round = round_index
 
+    def _reload_probes(self) -> None:
+        """A resumed run keeps the probes its first round chose (stored beside that round's scores)."""
+        if not isinstance(self.probe_states, int) or self.run_dir is None:
+            return
+        run = load_run(self.run_dir)
+        if run.rounds:
+            stored = run.score_tensors(run.rounds[0])
+            obs = unflatten_observations("probe_observations", stored)
+            if obs is not None and "probe_actions" in stored:
+                self._probe = ActionTarget(obs, stored["probe_actions"], reduce="none")
+
     def _stop_output(self, what: str, err: OSError) -> None:
         """A full disk or a read-only folder: warn once, stop writing ``what``, keep training."""
         if what not in self._outputs_off:
@@ -325,17 +313,6 @@ class InfluenceCallback(BaseCallback):
                 stacklevel=2,
             )
         self._outputs_off.add(what)
-
-    def _check_buffer(self, k: int) -> None:
-        """Refuse a buffer another callback has already reshaped (IIF compacts it in place)."""
-        buf, model = self.model.rollout_buffer, self.model
-        if (buf.buffer_size, buf.n_envs) != (model.n_steps, model.n_envs):
-            raise RlattrError(
-                f"rollout_buffer: shape ({buf.buffer_size}, {buf.n_envs}) in round {k}, expected "
-                f"({model.n_steps}, {model.n_envs}): another callback (IIFCallback?) compacted it before "
-                "this one ran; put InfluenceCallback first in the CallbackList, or use IIFCallback alone "
-                "(it scores every record itself)"
-            )
 
     # ----------------------------------------------------------------- public API
     @property
@@ -362,7 +339,7 @@ class InfluenceCallback(BaseCallback):
         """Copy the buffer into ``self.last_records`` and score it; returns the round's scores."""
         k = self.round - 1 if round_index is None else round_index
         model = self.model
-        self._check_buffer(k)
+        check_buffer_shape(model, k)
         records = records_from_buffer(model.rollout_buffer, k)
         check_finite(records)
         config = self.loss_config()

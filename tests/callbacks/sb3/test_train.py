@@ -146,6 +146,9 @@ def test_a_killed_run_keeps_its_model_and_resumes(tmp_path, monkeypatch, capsys)
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     run = rlattr.load_run(run_dir)
     assert run.rounds == [0, 1, 2, 3] and [s["round"] for s in run.summaries] == [0, 1, 2, 3]
+    first, resumed = run.score_tensors(0), run.score_tensors(2)  # the resumed part keeps the probes
+    assert torch.equal(first["probe_observations"], resumed["probe_observations"])
+    assert torch.equal(first["probe_actions"], resumed["probe_actions"])
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["resumes"] == [{"round": 2, "timesteps": 64}] and info["rounds_scored"] == 2
     assert restore_checkpoint(fresh, run_dir)["next_round"] == 4 and (run_dir / CHECKPOINT).is_file()
