@@ -384,7 +384,7 @@ class InfluenceCallback(BaseCallback):
         return {
             "probe_scores": scores,
             "probe_logp": logp.detach().float().cpu(),
-            "probe_observations": probe.observations,
+            **flatten_observations("probe_observations", probe.observations),
             "probe_actions": probe.actions,
         }
 
@@ -400,7 +400,7 @@ class InfluenceCallback(BaseCallback):
         theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
         extra = {k: v for k, v in self.last_probe.items() if k in ("probe_scores", "probe_logp")}
         if self.last_probe and not self.history:  # the probes themselves, once, with the first round
-            extra.update(flatten_observations("probe_observations", self.last_probe["probe_observations"]))
+            extra.update({k: v for k, v in self.last_probe.items() if k.startswith("probe_observations")})
             extra["probe_actions"] = self.last_probe["probe_actions"]
         return self._snapshots.write_round(records, scores, theta, summary, extra)
 
