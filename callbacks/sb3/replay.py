@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 from rlattr.callbacks.sb3.influence import preserved_rng
@@ -37,10 +38,11 @@ from rlattr.callbacks.sb3.validation import collect_validation
 from rlattr.errors import RlattrError
 from rlattr.rl.replay import RoundHyperparameters, RoundSnapshot
 
+# numpy's global RNG state in its dict form (``get_state(legacy=False)``); ``set_state`` takes it back
+RNGState = dict[str, Any]
 
-def sb3_permutations(
-    rng_state: tuple[Any, ...], n_steps: int, n_envs: int, n_epochs: int
-) -> list[torch.Tensor]:
+
+def sb3_permutations(rng_state: RNGState, n_steps: int, n_envs: int, n_epochs: int) -> list[torch.Tensor]:
     """The ``n_epochs`` minibatch orders ``RolloutBuffer.get`` draws from ``rng_state``, as
     step-major record positions: ``list[Tensor[n_steps * n_envs]]``.
 
@@ -54,16 +56,18 @@ def sb3_permutations(
     return [torch.from_numpy(record_of_flat[rng.permutation(n_steps * n_envs)]) for _ in range(n_epochs)]
 
 
-def _rng_after(rng_state: tuple[Any, ...], n: int, draws: int) -> tuple[Any, ...]:
+def _rng_after(rng_state: RNGState, n: int, draws: int) -> RNGState:
     rng = np.random.RandomState()
     rng.set_state(rng_state)
     for _ in range(draws):
         rng.permutation(n)
-    return rng.get_state()
+    return rng.get_state(legacy=False)
 
 
-def _same_rng_state(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
+def _same_rng_state(a: RNGState, b: RNGState) -> bool:
+    same_key = np.array_equal(a["state"]["key"], b["state"]["key"])
+    rest = ("bit_generator", "has_gauss", "gauss")
+    return same_key and a["state"]["pos"] == b["state"]["pos"] and all(a[k] == b[k] for k in rest)
 
 
 def sb3_hyperparameters(model: Any) -> RoundHyperparameters:
@@ -95,6 +99,8 @@ class RoundRecorder(BaseCallback):
         validation_steps: steps per environment of ``validation_env``.
         verbose: 1 prints a line per recorded round.
     """
+
+    model: PPO  # checked in _init_callback
 
     def __init__(
         self,
@@ -137,7 +143,7 @@ class RoundRecorder(BaseCallback):
             "optimizer_state": copy.deepcopy(policy.optimizer.state_dict()),
             "optimizer_class": type(policy.optimizer),
             "records": records_from_buffer(buffer, k),
-            "rng_state": np.random.get_state(),
+            "rng_state": np.random.get_state(legacy=False),
             "shape": (int(buffer.buffer_size), int(buffer.n_envs)),
             "validation": None,
         }
@@ -160,7 +166,7 @@ class RoundRecorder(BaseCallback):
         hyper = sb3_hyperparameters(self.model)
         n_steps, n_envs = pending["shape"]
         perms = sb3_permutations(pending["rng_state"], n_steps, n_envs, hyper.n_epochs)
-        now = np.random.get_state()
+        now = np.random.get_state(legacy=False)
         used = [
             e
             for e in range(hyper.n_epochs, 0, -1)

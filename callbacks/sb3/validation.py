@@ -14,12 +14,27 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 from rlattr.callbacks.sb3.policy import records_from_buffer
 from rlattr.errors import RlattrError
 from rlattr.rl.records import RecordBatch
 
 _STATE_ATTR = "_rlattr_validation_state"
+PolicyObs = np.ndarray | dict[str, np.ndarray]
+
+
+def _policy_obs(obs: VecEnvObs) -> PolicyObs:
+    if isinstance(obs, tuple):
+        raise RlattrError("validation_env: tuple observation spaces are not supported by SB3's PPO")
+    return obs
+
+
+def _buffer(space: spaces.Space, n_steps: int, env: VecEnv, model: Any) -> RolloutBuffer:
+    settings: dict[str, Any] = {"device": "cpu", "gamma": model.gamma, "gae_lambda": model.gae_lambda}
+    if isinstance(space, spaces.Dict):
+        return DictRolloutBuffer(n_steps, space, env.action_space, n_envs=env.num_envs, **settings)
+    return RolloutBuffer(n_steps, space, env.action_space, n_envs=env.num_envs, **settings)
 
 
 def collect_validation(model: Any, env: VecEnv, n_steps: int, round_index: int) -> RecordBatch:
@@ -32,19 +47,11 @@ def collect_validation(model: Any, env: VecEnv, n_steps: int, round_index: int) 
     if env.observation_space != model.observation_space or env.action_space != model.action_space:
         raise RlattrError("validation_env: its observation and action spaces must equal the model's")
     policy = model.policy
-    buffer_class = DictRolloutBuffer if isinstance(env.observation_space, spaces.Dict) else RolloutBuffer
-    buffer = buffer_class(
-        n_steps,
-        env.observation_space,
-        env.action_space,
-        device="cpu",
-        gamma=model.gamma,
-        gae_lambda=model.gae_lambda,
-        n_envs=env.num_envs,
-    )
-    last_obs, starts = getattr(env, _STATE_ATTR, (None, None))
-    if last_obs is None:
-        last_obs, starts = env.reset(), np.ones(env.num_envs, dtype=bool)
+    buffer = _buffer(env.observation_space, n_steps, env, model)
+    state: tuple[PolicyObs, np.ndarray] | None = getattr(env, _STATE_ATTR, None)
+    if state is None:
+        state = _policy_obs(env.reset()), np.ones(env.num_envs, dtype=bool)
+    last_obs, starts = state
     dones = starts
     for _ in range(n_steps):
         with torch.no_grad():
@@ -54,9 +61,11 @@ def collect_validation(model: Any, env: VecEnv, n_steps: int, round_index: int) 
         if isinstance(env.action_space, spaces.Box):
             env_actions = np.clip(actions_np, env.action_space.low, env.action_space.high)
         new_obs, rewards, dones, _ = env.step(env_actions)
+        new_obs = _policy_obs(new_obs)
         if isinstance(env.action_space, spaces.Discrete):
             actions_np = actions_np.reshape(-1, 1)
-        buffer.add(last_obs, actions_np, rewards, starts, values, log_probs)
+        # RolloutBuffer.add is annotated for array observations; DictRolloutBuffer.add takes the dict
+        buffer.add(last_obs, actions_np, rewards, starts, values, log_probs)  # type: ignore[arg-type]
         last_obs, starts = new_obs, dones
     with torch.no_grad():
         last_values = policy.predict_values(obs_as_tensor(last_obs, policy.device))

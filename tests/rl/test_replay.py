@@ -89,7 +89,7 @@ def test_recorder_leaves_training_unchanged_and_collects_validation() -> None:
 
 
 def test_sb3_permutations_map_env_major_to_step_major() -> None:
-    state = np.random.RandomState(3).get_state()
+    state = np.random.RandomState(3).get_state(legacy=False)
     perm = sb3_permutations(state, n_steps=3, n_envs=2, n_epochs=1)[0]
     flat = np.random.RandomState(3).permutation(6)  # env-major: f = env * 3 + step
     expected = [(f % 3) * 2 + f // 3 for f in flat]
