@@ -347,7 +347,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     scn = build_detox(args) if args.scenario == "detox" else build_corrupt(args)
     setup = {"args": vars(args), "info": scn.info, "provenance": provenance()}
-    save_json(out / f"{scn.name}__setup.json", setup)
+    setup_path = out / f"{scn.name}__setup.json"
+    if setup_path.exists():  # a later invocation (more arms or seeds): same pretrained model, or refuse
+        first = json.loads(setup_path.read_text())
+        same = ("pretrained_success", "pretrained_success_train", "reward_model")
+        if any(first["info"].get(k) != scn.info.get(k) for k in same):
+            raise RlattrError(
+                f"out: {setup_path} was written for another pretrained model; supported: a new --out"
+            )
+        first.setdefault("later_invocations", []).append(
+            {"args": vars(args), "provenance": setup["provenance"]}
+        )
+        setup = {**first, "provenance": first["provenance"]}
+    save_json(setup_path, setup)
     print(scn.name, {k: v for k, v in scn.info.items() if k != "corrupted_prompts"}, flush=True)
     done = []
     for seed in args.seeds:
@@ -356,7 +368,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if path.exists():
                 continue
             res = run_arm(scn, arm, seed, args)
-            res["provenance"] = setup["provenance"]
+            res["provenance"], res["args"] = provenance(), vars(args)
             save_json(path, res)  # atomic: a stopped study loses at most the run in progress
             done.append(res)
             tail = float(np.mean(res["true_success"][-5:]))
