@@ -41,7 +41,7 @@ class EpisodeMeans(BaseCallback):
         return True
 
     def _on_rollout_end(self) -> None:
-        rewards = [ep["r"] for ep in self.model.ep_info_buffer]
+        rewards = [ep["r"] for ep in self.model.ep_info_buffer or []]
         self.means.append(sum(rewards) / len(rewards) if rewards else math.nan)
 
 
@@ -140,14 +140,18 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install -y chromium)")
+CHROMIUM = _chromium()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install -y chromium)")
 @pytest.mark.parametrize("which", ["influence", "iif"])
 def test_page_loads_in_a_real_browser(which, influence_run, iif_run, tmp_path) -> None:
     run_dir = influence_run[0].run_dir if which == "influence" else iif_run.run_dir
     index = write_report(run_dir, tmp_path / "report", progress=False)
     probe = index.with_name("browser_check.html")  # the page plus an image check, beside its PNGs
     probe.write_text(index.read_text().replace("</body>", CHECK + "</body>"))
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    assert CHROMIUM is not None
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
     cmd += ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
