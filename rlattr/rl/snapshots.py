@@ -33,6 +33,7 @@ from rlattr.rl.records import RecordBatch
 SNAPSHOT_FORMAT = 1
 ROUND_INDEX = "rounds.jsonl"
 _ROUND_DIR = re.compile(r"round_(\d{5,9})")
+_META_MAPPINGS = ("hyperparameters", "target", "callback", "versions")
 
 
 def run_metadata(**fields: Any) -> dict[str, Any]:
@@ -361,6 +362,10 @@ def load_run(path: str | Path) -> AttributionRun:
         raise StoreError(
             f"path: snapshot format {fmt!r}; this rlattr reads up to {SNAPSHOT_FORMAT}: upgrade rlattr"
         )
+    for key in _META_MAPPINGS:  # readers call .get on these: a received run may hold anything
+        if key in meta and not isinstance(meta[key], dict):
+            _warn(f"run.json: {key!r} ignored (expected an object, got {type(meta[key]).__name__})")
+            meta[key] = {}
     rounds, stray = _scored_rounds(root)
     if stray:
         _warn(f"path: ignored {len(stray)} entries that are not round folders: {stray[:5]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,23 @@ def test_cli_report_rejects_bad_numbers_in_one_line(tmp_path: Path, capsys, flag
         main(["report", str(_run(tmp_path, 1)), *flag])
     message = capsys.readouterr().err.strip()
     assert err.value.code == 2 and len(message.splitlines()) == 1 and "expected an integer >= 1" in message
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"hyperparameters": [], "target": "return", "callback": []},
+        {"hyperparameters": {"n_steps": {"x": 1}}, "target": {"name": 5}, "callback": {"iif_rule": HOSTILE}},
+        {"tracked_params": 3, "versions": HOSTILE},
+    ],
+)
+def test_wrong_json_types_in_run_json_still_render(tmp_path: Path, meta: dict) -> None:
+    writer = SnapshotWriter(tmp_path / "rlattr", {"snapshot_format": 1, **meta})
+    records, scores = _round(0)
+    writer.write_round(records, scores, {"w": torch.zeros(2)}, {"round": 0})
+    writer.write_json("iif/round_00000.json", {"round": 0, "note": HOSTILE, "dropped_ids": [[0, 1, HOSTILE]]})
+    (tmp_path / "rlattr" / "rounds.jsonl").write_text('{"round": 0, "score_mean": "<i>x</i>"}\n[1, 2]\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = write_report(tmp_path).read_text()
+    assert "<script>" not in page and "<i>x</i>" not in page

@@ -55,11 +55,16 @@ def test_round_index_is_append_only_and_survives_a_torn_last_line(tmp_path: Path
 
 
 def test_disk_accounting_is_incremental_and_exact(tmp_path: Path, monkeypatch) -> None:
-    calls = []
+    calls: list[Path] = []
     import rlattr.rl.snapshots as snapshots
 
     real = snapshots.dir_bytes
-    monkeypatch.setattr(snapshots, "dir_bytes", lambda p: calls.append(p) or real(p))
+
+    def counted(path: Path) -> int:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(snapshots, "dir_bytes", counted)
     writer = _write(tmp_path, 5, keep_last=2)
     assert len(calls) <= 1  # one walk when the writer starts, none per round
     assert writer.disk_bytes == real(tmp_path)  # an independent walk of the folder
@@ -140,3 +145,11 @@ def test_discard_from_forgets_the_rounds_after_a_checkpoint(tmp_path: Path) -> N
     assert writer.next_round == 2 and writer.disk_bytes == dir_bytes(tmp_path)
     run = load_run(tmp_path)
     assert run.rounds == [0, 1] and [s["round"] for s in run.summaries] == [0, 1]
+
+
+def test_run_json_sections_of_the_wrong_type_are_dropped_with_a_warning(tmp_path: Path) -> None:
+    _write(tmp_path, 1)
+    (tmp_path / "run.json").write_text(json.dumps({"snapshot_format": 1, "target": "x", "callback": [1]}))
+    with pytest.warns(UserWarning, match="run.json: 'target' ignored"):
+        run = load_run(tmp_path)
+    assert run.meta["target"] == {} and run.meta["callback"] == {}
