@@ -64,7 +64,7 @@ def _cmd_init_config(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from rlattr.reporting.report import write_report
 
-    progress = False if args.no_progress else None  # None: a bar when stderr is a terminal
+    progress = False if args.no_progress else None  # None: a bar when the console is a terminal
     index = write_report(args.run, args.out, recent=args.recent, top_k=args.top_k, progress=progress)
     print(f"report: {index}")
     return 0

@@ -33,3 +33,12 @@ def test_bar_off_is_a_no_op_and_on_runs() -> None:
         with progress_bar("x", 2, enabled=enabled) as advance:
             advance()
             advance(note="done")
+
+
+def test_a_bar_inside_another_live_display_does_not_fail() -> None:
+    # SB3's progress bar is a live display on the same console; rich < 14 allows only one
+    with progress_bar("outer", 1, enabled=True) as outer:
+        with progress_bar("inner", 2, enabled=True) as inner:
+            inner()
+            inner()
+        outer()

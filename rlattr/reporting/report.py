@@ -132,7 +132,7 @@ def write_report(
     Args:
         path: the run folder (or its ``rlattr`` subfolder). out: output folder (default
             ``{run}/report``). recent: rounds with a top/bottom table. top_k: rows per side.
-        progress: a progress bar on stderr (``None``: when stderr is a terminal).
+        progress: a progress bar (``None``: when the console is a terminal).
     """
     check_int("recent", recent)
     check_int("top_k", top_k)
