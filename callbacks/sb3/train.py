@@ -13,6 +13,7 @@ import inspect
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -273,14 +274,17 @@ def _learn(
         saver.save(resumable=finished)
         if model.env is not None:
             model.env.close()
-    _write_run_info(
-        run_dir,
-        config,
-        argv,
-        train_seconds=time.perf_counter() - start,
-        attribution_seconds=sum(h["seconds"] for h in callback.history),
-        rounds_scored=len(callback.history),
-    )
+    try:
+        _write_run_info(
+            run_dir,
+            config,
+            argv,
+            train_seconds=time.perf_counter() - start,
+            attribution_seconds=sum(h["seconds"] for h in callback.history),
+            rounds_scored=len(callback.history),
+        )
+    except OSError as err:  # the training is done and saved (or warned about): do not fail it now
+        warnings.warn(f"rlattr train: could not update run_info.json ({err})", UserWarning, stacklevel=2)
     return run_dir
 
 

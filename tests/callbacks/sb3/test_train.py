@@ -158,3 +158,30 @@ def test_a_killed_run_keeps_its_model_and_resumes(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(tmp_path), "--no-progress"])
     assert "holds no config.yaml" in capsys.readouterr().err
+
+
+def test_a_full_disk_mid_run_warns_and_training_finishes(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import rlattr.callbacks.sb3.checkpoint as checkpoint
+    import rlattr.callbacks.sb3.train as runner
+    import rlattr.rl.snapshots as snapshots
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_info = runner._write_run_info
+
+    def info(*args, **kwargs):
+        return full() if "train_seconds" in kwargs else real_info(*args, **kwargs)
+
+    for module, name in ((snapshots, "save_tensors"), (checkpoint, "save_checkpoint")):
+        monkeypatch.setattr(module, name, full)
+    monkeypatch.setattr(runner, "_write_run_info", info)
+    with pytest.warns(UserWarning) as record:
+        run_dir = runner.train(config_from_dict({**TINY, "runs_dir": str(tmp_path)}), progress_bar=False)
+    messages = [str(w.message) for w in record]
+    assert sum("could not save the model checkpoint" in m for m in messages) == 1
+    assert sum("snapshots stop here" in m for m in messages) == 1
+    assert any("could not update run_info.json" in m for m in messages)
+    assert run_dir.parent == tmp_path and (run_dir / "config.yaml").is_file()
