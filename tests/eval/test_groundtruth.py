@@ -3,6 +3,8 @@ against direct solves, resuming from disk, parallel = sequential, and the final-
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,7 @@ def predict(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.tensor(XQ) @ params["theta"]
 
 
-def test_subset_masks():
+def test_subset_masks() -> None:
     masks = subset_masks(10, 7, 0.3, seed=4)
     assert masks.shape == (7, 10) and masks.dtype == torch.bool
     assert (masks.sum(1) == 3).all()
@@ -36,7 +38,7 @@ def test_subset_masks():
         subset_masks(10, 2, 1.0)
 
 
-def test_leave_one_out_equals_direct_solves():
+def test_leave_one_out_equals_direct_solves() -> None:
     got = leave_one_out(ridge, predict, 12, [0, 5, 11])
     full = predict(ridge(torch.ones(12), 0))
     for row, i in enumerate([0, 5, 11]):
@@ -48,7 +50,7 @@ def test_leave_one_out_equals_direct_solves():
         leave_one_out(ridge, predict, 12, [12])
 
 
-def test_subsets_resume_and_parallel(tmp_path):
+def test_subsets_resume_and_parallel(tmp_path: Path) -> None:
     masks = subset_masks(12, 6, 0.5, seed=0)
     first = subset_retraining(ridge, predict, masks, out_dir=tmp_path / "a", config={"model": "ridge"})
     for s in range(6):
@@ -81,7 +83,7 @@ def _grad(i: int, theta: np.ndarray) -> np.ndarray:
     return 2 * (X[i] @ theta - Y[i]) * X[i]
 
 
-def test_final_model_gold_standard():
+def test_final_model_gold_standard() -> None:
     theta_f = ridge(torch.ones(12), 0)["theta"].numpy()
     lr, steps = 0.05, 6
 

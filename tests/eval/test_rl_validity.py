@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from scipy.stats import spearmanr
+from stable_baselines3.common.policies import ActorCriticPolicy
 
 from rlattr.callbacks.sb3.policy import SB3PolicyEval, tracked_param_names
 from rlattr.core.methods.hessian import ObjectiveHessian
@@ -26,6 +27,7 @@ from rlattr.eval.rl_validity import (
 )
 from rlattr.rl.attribution import build_round_task
 from rlattr.rl.filtering import NegBottom
+from rlattr.rl.records import index_observations
 from rlattr.rl.replay import max_abs_diff, replay_round, seeded_permutations
 from tests.rl.test_replay import DISCRETE, brute_force_tracin, recorded
 
@@ -44,6 +46,11 @@ def ctx() -> RoundContext:
         recorder.snapshots[1],
         n_actions=3,
     )
+
+
+def policy_of(ctx: RoundContext) -> ActorCriticPolicy:
+    assert isinstance(ctx.model, ActorCriticPolicy)
+    return ctx.model
 
 
 def test_lds_with_ci_hand_checked() -> None:
@@ -67,7 +74,7 @@ def test_ground_truth_matches_direct_retraining_and_is_seeded(ctx: RoundContext)
     for s in (0, 3):
         theta = retrain_subset(ctx.model, ctx.policy_eval, ctx.snapshot, masks[s], 7 + s)
         with params_loaded(ctx.model, theta), torch.no_grad():
-            _, logp, _ = ctx.model.evaluate_actions(rec.observations, rec.actions.long().flatten())
+            _, logp, _ = policy_of(ctx).evaluate_actions(rec.observations, rec.actions.long().flatten())
         assert float(targets[s]) == pytest.approx(float((logp * rec.advantages).mean()), abs=1e-6)
     again_masks, again = local_ground_truth(ctx, 4, fraction=0.5, seed=7)
     assert torch.equal(again_masks, masks) and torch.equal(again, values)
@@ -89,11 +96,13 @@ def test_local_lds_equals_scipy_spearman(ctx: RoundContext) -> None:
 class _Wrapped(torch.nn.Module):
     """``evaluate_actions`` as ``forward``, so torch.func can call it with given parameters."""
 
-    def __init__(self, policy: torch.nn.Module) -> None:
+    def __init__(self, policy: ActorCriticPolicy) -> None:
         super().__init__()
         self.policy = policy
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, obs: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.policy.evaluate_actions(obs, actions)
 
 
@@ -102,7 +111,7 @@ def actor_oracle(ctx: RoundContext, names: list[str]) -> dict[str, torch.Tensor]
     parameters (``names`` order): per-record PPO-loss gradients ``G [n, d]`` (buffer-normalised
     advantages), the return target's gradient ``g_f [d]`` and the Hessian ``H [d, d]`` of the
     mean loss."""
-    wrapped = _Wrapped(ctx.model)  # its parameters are replaced by theta(k) in every call
+    wrapped = _Wrapped(policy_of(ctx))  # its parameters are replaced by theta(k) in every call
     theta = ctx.snapshot.theta
     fixed = {f"policy.{k}": theta.get(k, v).detach() for k, v in ctx.model.named_parameters()}
     sizes = [fixed[f"policy.{n}"].numel() for n in names]
@@ -111,13 +120,14 @@ def actor_oracle(ctx: RoundContext, names: list[str]) -> dict[str, torch.Tensor]
     acts = rec.actions.long().flatten()
     adv = (rec.advantages - rec.advantages.mean()) / (rec.advantages.std() + 1e-8)
 
-    def evaluate(flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def evaluate(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         parts = dict(zip(names, flat.split(sizes), strict=True))
         params = {**fixed, **{f"policy.{n}": parts[n].view_as(fixed[f"policy.{n}"]) for n in names}}
         return torch.func.functional_call(wrapped, params, (rec.observations, acts))
 
     def losses(flat: torch.Tensor) -> torch.Tensor:
         _, logp, entropy = evaluate(flat)
+        assert entropy is not None  # a Categorical policy has one
         ratio = torch.exp(logp - rec.old_log_prob)
         c = config.clip_range
         return -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - c, 1 + c)) - config.ent_coef * entropy
@@ -156,7 +166,7 @@ def test_scorers_equal_autograd_oracles_and_restore_params(ctx: RoundContext) ->
     # the scorer's lambda comes from 40 power iterations, not an exact eigensolver
     torch.testing.assert_close(scores["influence"], expected, rtol=2e-3, atol=2e-3 * scale)
     # TracIn over the round's update steps: the plain-autograd replay of tests/rl/test_replay.py
-    expected = brute_force_tracin(ctx.model, ctx.snapshot)
+    expected = brute_force_tracin(ctx.snapshot)
     torch.testing.assert_close(scores["tracin"], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -186,7 +196,8 @@ def test_fisher_curvature_is_the_policy_fisher(ctx: RoundContext) -> None:
         fisher = torch.zeros(hessian.dim, hessian.dim, dtype=torch.float64)
         for i in range(len(rec)):
             for c in range(3):
-                _, logp, _ = ctx.model.evaluate_actions(rec.observations[i : i + 1], torch.tensor([c]))
+                obs_i = index_observations(rec.observations, slice(i, i + 1))
+                _, logp, _ = policy_of(ctx).evaluate_actions(obs_i, torch.tensor([c]))
                 g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(logp.sum(), leaves)]).double()
                 fisher += logp.exp().item() * torch.outer(g, g)
     expected = (fisher / len(rec)) @ v.double()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +29,9 @@ BOX = spaces.Box(-1.0, 1.0, (2,), np.float32)
 
 def tiny_ppo(space: spaces.Space, obs: str = "vector", **kwargs) -> PPO:
     env = DummyVecEnv([lambda: ToyEnv(space, obs=obs)] * 2)
-    settings = dict(n_steps=16, batch_size=10, n_epochs=3, seed=0, device="cpu", policy_kwargs=SMALL_NET)
+    settings: dict[str, Any] = dict(
+        n_steps=16, batch_size=10, n_epochs=3, seed=0, device="cpu", policy_kwargs=SMALL_NET
+    )
     settings.update(kwargs)
     return PPO("MultiInputPolicy" if obs == "dict" else "MlpPolicy", env, **settings)
 
@@ -106,16 +109,18 @@ def test_seeded_permutations_and_snapshot_validation() -> None:
         replace(snap, permutations=[torch.zeros(len(snap.records), dtype=torch.int64)])
 
 
-def brute_force_tracin(model: PPO, snap: RoundSnapshot) -> torch.Tensor:
+def brute_force_tracin(snap: RoundSnapshot) -> torch.Tensor:
     """TracIn over steps by plain autograd on a fresh policy module, one record at a time."""
     policy = tiny_ppo(DISCRETE).policy
     with torch.no_grad():
         for name, p in policy.named_parameters():
             p.copy_(snap.theta[name])
-    optimizer = snap.optimizer_class(policy.parameters(), lr=snap.hyper.learning_rate)
+    assert snap.optimizer_class is torch.optim.Adam  # SB3's default
+    optimizer = torch.optim.Adam(policy.parameters(), lr=snap.hyper.learning_rate)
     optimizer.load_state_dict(copy.deepcopy(snap.optimizer_state))
     actor = [p for n, p in policy.named_parameters() if n in tracked_param_names(policy)]
     rec, h = snap.records, snap.hyper
+    assert isinstance(rec.observations, torch.Tensor)
     scores = torch.zeros(len(rec), dtype=torch.float64)
     for perm in snap.permutations:
         for start in range(0, len(rec), h.batch_size):
@@ -159,7 +164,7 @@ def test_tracin_over_steps_equals_brute_force_sum() -> None:
         actor_eval=SB3PolicyEval(model.policy),
         actor_params=tracked_param_names(model.policy),
     )
-    expected = brute_force_tracin(model, snap)
+    expected = brute_force_tracin(snap)
     assert result.tracin is not None and result.tracin.shape == (32,)
     torch.testing.assert_close(result.tracin, expected, rtol=1e-4, atol=1e-6)
     assert max_abs_diff(result.theta, snap.theta_next) <= 1e-6

@@ -89,13 +89,15 @@ def test_return_target_scores_equal_loop(ent_coef: float) -> None:
 
     ref = loop_reference(model, rec, names, target, ent_coef, norm)
     torch.testing.assert_close(got.scores.double(), ref, rtol=1e-5, atol=1e-6)
-    assert got.group_names == ["body.0", "head"] and got.by_group.shape == (12, 2)
+    assert got.by_group is not None and got.by_group.shape == (12, 2)
+    assert got.group_names == ["body.0", "head"]
     assert got.ids[:, 0].eq(2).all()
 
 
 def test_action_target_per_pair_gives_m_rows() -> None:
     model, rec = make_round()
     names = ["head.weight", "head.bias"]
+    assert isinstance(rec.observations, torch.Tensor)
     obs, act = rec.observations[:3] + 0.5, torch.tensor([0, 1, 3])
     spec = ActionTarget(obs, act, reduce="none")
     cfg = PPOLossConfig(advantage_norm="none")

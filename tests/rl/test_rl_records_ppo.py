@@ -29,10 +29,11 @@ def test_ids_are_step_major_and_lead_back_to_the_transition() -> None:
     rec = make_records()
     assert len(rec) == 6 and rec.round_index == 4
     assert rec.id_list() == [(4, s, e) for s in range(3) for e in range(2)]
+    obs = rec.observations
+    assert isinstance(obs, torch.Tensor)
     for pos, (_, step, env) in enumerate(rec.id_list()):
-        assert float(rec.observations[pos, 0]) == step * 2 + env
-    pos = rec.positions([(4, 2, 1), (4, 0, 1)])
-    assert pos.tolist() == [5, 1]
+        assert float(obs[pos, 0]) == step * 2 + env
+    assert rec.positions([(4, 2, 1), (4, 0, 1)]).tolist() == [5, 1]
     assert format_id(rec.ids[5]) == "r4/s2/e1"
     with pytest.raises(KeyError, match=r"\(4, 9, 0\)"):
         rec.positions([(4, 9, 0)])
@@ -110,22 +111,24 @@ def _dict_records() -> RecordBatch:
 
 def test_dict_observations_flatten_step_major_store_and_select() -> None:
     rec = _dict_records()
-    assert rec.has_dict_observations and len(rec) == 6
+    obs = rec.observations
+    assert rec.has_dict_observations and len(rec) == 6 and isinstance(obs, dict)
     for pos, (_, step, env) in enumerate(rec.id_list()):  # every key flattened like the actions
-        assert float(rec.observations["pos"][pos, 1]) == step * 2 + env == float(rec.actions[pos, 0])
-        assert int(rec.observations["img"][pos, 1, 1]) == step * 2 + env
+        assert float(obs["pos"][pos, 1]) == step * 2 + env == float(rec.actions[pos, 0])
+        assert int(obs["img"][pos, 1, 1]) == step * 2 + env
     stored = rec.to_tensors()
     assert sorted(k for k in stored if k.startswith("observations")) == [
         "observations/img",
         "observations/pos",
     ]
-    back = RecordBatch.from_tensors(stored)
-    assert all(torch.equal(back.observations[k], rec.observations[k]) for k in ("pos", "img"))
-    assert back.observations["img"].dtype == torch.uint8
+    back = RecordBatch.from_tensors(stored).observations
+    assert isinstance(back, dict) and all(torch.equal(back[k], obs[k]) for k in ("pos", "img"))
+    assert back["img"].dtype == torch.uint8
     sub = rec.select(torch.tensor([5, 2]))
     assert sub.id_list() == [(7, 2, 1), (7, 1, 0)]
-    assert sub.observations["pos"][:, 0].tolist() == [5.0, 2.0]
-    assert index_observations(rec.observations, 3)["pos"].tolist() == [3.0, 3.0]
+    assert isinstance(sub.observations, dict) and sub.observations["pos"][:, 0].tolist() == [5.0, 2.0]
+    third = index_observations(obs, 3)
+    assert isinstance(third, dict) and third["pos"].tolist() == [3.0, 3.0]
     assert num_observations(rec.observations) == 6
 
 
