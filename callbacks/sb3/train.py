@@ -168,7 +168,8 @@ def set_run_logger(model: PPO, run_dir: Path) -> None:
 
 def build_callback(config: TrainConfig, run_dir: Path) -> InfluenceCallback:
     try:
-        return InfluenceCallback(log_dir=run_dir, **config.callback)
+        # rl-zoo3-style configs write counts as floats (1e3): whole numbers are ints here too
+        return InfluenceCallback(log_dir=run_dir, **{k: whole_number(v) for k, v in config.callback.items()})
     except (RlattrError, TypeError) as err:
         raise ConfigError(f"callback.{err}") from err
 

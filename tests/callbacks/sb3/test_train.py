@@ -123,7 +123,8 @@ def test_a_killed_run_keeps_its_model_and_resumes(tmp_path, monkeypatch, capsys)
             raise _Killed
 
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "total_timesteps": "1.28e2"}).replace("'1.28e2'", "1.28e2"))
+    callback = {**TINY["callback"], "snapshot_every": 1.0}  # a whole-number float where an int is meant
+    cfg.write_text(yaml.safe_dump({**TINY, "total_timesteps": "1.28e2", "callback": callback}))
     monkeypatch.setattr(InfluenceCallback, "_on_round_scored", kill_in_round_2)
     with pytest.raises(_Killed):
         main(["train", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
