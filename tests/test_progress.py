@@ -42,3 +42,30 @@ def test_a_bar_inside_another_live_display_does_not_fail() -> None:
             inner()
             inner()
         outer()
+
+
+def test_featurisation_bar_counts_records_and_only_for_long_runs(monkeypatch) -> None:
+    import rlattr.core.grads as grads
+    from rlattr.core import Task
+
+    calls: list[tuple[str, int, bool | None]] = []
+    steps: list[int] = []
+
+    @contextmanager
+    def recorder(description: str, total: int, enabled: bool | None = None):  # noqa: ANN202
+        calls.append((description, total, enabled))
+        yield lambda n=1, note="": steps.append(n)
+
+    monkeypatch.setattr(grads, "progress_bar", recorder)
+    model = torch.nn.Linear(3, 1)
+    task = Task(model, lambda p, b: torch.func.functional_call(model, p, (b["x"],)).squeeze(1) ** 2)
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    g = grads.per_record_grads(task, {"x": x}, chunk_size=1)  # 40 chunks: a bar (on a terminal)
+    assert calls == [("per-record gradients", 40, None)] and steps == [1] * 40
+    whole = grads.per_record_grads(task, {"x": x}, chunk_size=40)  # one chunk: never a bar
+    assert calls[-1] == ("per-record gradients", 40, False)
+    assert torch.allclose(flat(g), flat(whole))
+
+
+def flat(g: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1)

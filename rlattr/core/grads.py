@@ -25,9 +25,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
+from rlattr.progress import progress_bar
 
 GradMethod = Literal["auto", "vmap", "loop"]
 GRAD_METHODS = ("auto", "vmap", "loop")
+# featurisations of at least this many chunks show a progress bar (when the console is a terminal)
+_BAR_CHUNKS = 32
 
 
 def batch_size(batch: Batch) -> int:
@@ -114,29 +117,33 @@ def iter_per_record_grads(
     p = task.resolve_params(params)
     n = batch_size(batch)
     use = method
-    for start, stop in _chunks(n, chunk_size):
-        chunk = slice_batch(batch, start, stop)
-        if start == 0:
-            with torch.no_grad():
-                _check_loss(task.loss(p, chunk), stop - start)
-        if use == "loop":
-            g = _loop_grads(task, p, chunk, stop - start)
-        else:
-            try:
-                g = _vmap_grads(task, p, chunk)
-            except Exception as err:  # noqa: BLE001 - any vmap failure means: use the loop
-                if use == "vmap":
-                    raise
-                warnings.warn(
-                    f"per-record gradients: torch.func.vmap cannot run this model ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0][:200]}); falling back to a slower autograd loop",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                use = "loop"
+    n_chunks = -(-n // chunk_size) if chunk_size >= 1 else 0
+    # a bar (on a terminal) only for long featurisations, not for every PPO round's few chunks
+    with progress_bar("per-record gradients", n, None if n_chunks >= _BAR_CHUNKS else False) as advance:
+        for start, stop in _chunks(n, chunk_size):
+            chunk = slice_batch(batch, start, stop)
+            if start == 0:
+                with torch.no_grad():
+                    _check_loss(task.loss(p, chunk), stop - start)
+            if use == "loop":
                 g = _loop_grads(task, p, chunk, stop - start)
-        _check_finite("per-record gradients", g)
-        yield start, stop, g
+            else:
+                try:
+                    g = _vmap_grads(task, p, chunk)
+                except Exception as err:  # noqa: BLE001 - any vmap failure means: use the loop
+                    if use == "vmap":
+                        raise
+                    warnings.warn(
+                        f"per-record gradients: torch.func.vmap cannot run this model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); falling back to a slower autograd loop",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    use = "loop"
+                    g = _loop_grads(task, p, chunk, stop - start)
+            _check_finite("per-record gradients", g)
+            advance(stop - start)
+            yield start, stop, g
 
 
 def per_record_grads(
