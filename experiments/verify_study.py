@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlattr.core.store import save_json
+from rlattr.core.store import load_json, save_json
 from rlattr.eval.verify import (
     DISHONEST,
     Claim,
@@ -42,6 +42,7 @@ from rlattr.eval.verify import (
     excess_statistics,
     fit_datamodel,
     random_scores,
+    scaled_down,
     spot_checks_needed,
 )
 from rlattr.eval.verify.tasks import digits_margins, digits_retrain
@@ -154,6 +155,30 @@ def run_cell(fit: Pool, query: Pool, per_retrain: float, trials: int) -> dict[st
             "excess_over_variance": reference, "by_epsilon": cells}  # fmt: skip
 
 
+def power_curve(fit: Pool, query: Pool, eps: float, factors: tuple[float, ...], trials: int) -> list[dict]:
+    """Acceptance of claims scaled by each factor (excess near the threshold) at one epsilon."""
+    honest = fit_datamodel(fit.masks, fit.values)
+    variance = float(query.values.var())
+    m = min(default_queries(honest.n, eps, DELTA), len(query.values))
+    rows = []
+    for factor in factors:
+        claim = scaled_down(honest, factor)
+        excess = excess_statistics(query.masks, query.values, claim, DELTA)["excess"] / variance
+        accepted = []
+        for trial in range(trials):
+            idx = torch.from_numpy(
+                np.random.default_rng(trial).choice(len(query.values), size=m, replace=False)
+            )
+            t = Verifier(query, eps, DELTA, queries=m, seed=trial).run(
+                HonestProver(claim, query), masks=query.masks[idx]
+            )
+            accepted.append(t.accepted)
+        rows.append(
+            {"factor": factor, "excess_over_variance": excess, "accept_rate": float(np.mean(accepted))}
+        )
+    return rows
+
+
 def scaling(sizes: tuple[int, ...], eps: float, queries: int) -> list[dict[str, Any]]:
     """Real retrainings on digits at each n: the Verifier's count and seconds, the Prover's seconds."""
     rows = []
@@ -183,24 +208,43 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
+    previous = load_json(out / "results.json") if (out / "results.json").is_file() else {}
+    for cell in previous.values():  # cells kept from an earlier run keep that run's provenance
+        if isinstance(cell, dict) and "by_epsilon" in cell or isinstance(cell, dict) and "rows" in cell:
+            cell.setdefault("provenance", previous.get("provenance"))
+            cell.setdefault("command", previous.get("command"))
     results: dict[str, Any] = {"delta": DELTA, "epsilons": list(EPSILONS), "provenance": provenance(),
                                "command": "nice -n 10 .venv/bin/python experiments/verify_study.py " +
-                               f"--out {args.out} --trials {args.trials} --ppo-trials {args.ppo_trials}"}  # fmt: skip
+                               f"--out {args.out} --trials {args.trials} --ppo-trials {args.ppo_trials}" +
+                               (f" --skip {' '.join(args.skip)}" if args.skip else "")}  # fmt: skip
     if "digits" not in args.skip:
         fit, query, per = digits_pools(100, 1500, 1500)
         results["digits"] = run_cell(fit, query, per, args.trials)
+        factors = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
+        results["digits"]["power"] = {
+            "epsilon": 0.1,
+            "rows": power_curve(fit, query, 0.1, factors, args.trials),
+        }
+        results["digits"]["provenance"] = results["provenance"]
         save_json(out / "digits.json", results["digits"])
         print("digits", results["digits"]["by_epsilon"], flush=True)
     if "ppo" not in args.skip:
         for env_id in ("CartPole-v1", "Acrobot-v1"):
             fit, query, per, info = ppo_pools(env_id, 1200, 700)
             results[env_id] = {**run_cell(fit, query, per, args.ppo_trials), **info}
+            results[env_id]["provenance"] = results["provenance"]
             save_json(out / f"{env_id}.json", results[env_id])
             print(env_id, results[env_id]["by_epsilon"], flush=True)
     if "scaling" not in args.skip:
-        results["scaling"] = {"epsilon": 0.2, "queries": 40, "rows": scaling((500, 1000, 1796), 0.2, 40)}
+        rows = scaling((500, 1000, 1796), 0.2, 40)
+        results["scaling"] = {
+            "epsilon": 0.2,
+            "queries": 40,
+            "rows": rows,
+            "provenance": results["provenance"],
+        }
         save_json(out / "scaling.json", results["scaling"])
-    save_json(out / "results.json", results)
+    save_json(out / "results.json", {**previous, **results})
 
 
 if __name__ == "__main__":
