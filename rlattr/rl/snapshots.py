@@ -220,7 +220,9 @@ class SnapshotWriter:
     def _drop_round(self, k: int) -> None:
         """Delete round ``k``'s folder and the files registered with it (its summary line stays)."""
         folder = self.root / round_folder_name(k)
-        for path in [*folder.glob("*"), *self._extra.pop(k, [])]:
+        # per-round files beside the folders (iif/round_00007.json), also from before a resume
+        companions = self.root.glob(f"*/{round_folder_name(k)}.json")
+        for path in {*folder.glob("*"), *self._extra.pop(k, []), *companions}:
             if path.is_file():
                 self._remove(path)
         if folder.is_dir() and not any(folder.iterdir()):

@@ -71,8 +71,11 @@ def test_disk_accounting_is_incremental_and_exact(tmp_path: Path, monkeypatch) -
 
 
 def test_retention_covers_score_files_and_round_folders(tmp_path: Path) -> None:
+    (tmp_path / "iif").mkdir(parents=True)
+    (tmp_path / "iif" / "round_00000.json").write_text("{}")  # written by an earlier part of the run
     writer = _write(tmp_path, 6, keep_last=1, keep_rounds=3)
     writer.write_json("iif/round_00005.json", {"round": 5}, round_index=5)
+    assert sorted(p.name for p in (tmp_path / "iif").iterdir()) == ["round_00005.json"]
     assert sorted(p.name for p in tmp_path.glob("round_*")) == ["round_00003", "round_00004", "round_00005"]
     run = load_run(tmp_path)
     assert run.rounds == [3, 4, 5]
