@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlattr.core.store import load_json, save_json
+from rlattr.core.store import atomic_write_bytes, load_json, save_json
 from rlattr.eval.verify import (
     DISHONEST,
     Claim,
@@ -197,6 +197,52 @@ def scaling(sizes: tuple[int, ...], eps: float, queries: int) -> list[dict[str, 
     return rows
 
 
+PROVERS = ("scaled_down", "boost_favoured", "permuted", "random", "fabricated_answers")
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Markdown tables of ``results.json``: decision rates, excess of each claim, scaling, power."""
+    lines = ["| task | n | epsilon | trials | Prover answers m | Verifier retrainings | honest accepted | "
+             + " | ".join(f"{p} rejected" for p in PROVERS) + " | Verifier s | honest Prover s |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(PROVERS) + "---|---|"]  # fmt: skip
+    for task in ("digits", "CartPole-v1", "Acrobot-v1"):
+        cell = results.get(task)
+        if not isinstance(cell, dict):
+            continue
+        for eps, c in cell["by_epsilon"].items():
+            rejects = " | ".join(f"{c['reject_rate'][p]:.2f}" for p in PROVERS)
+            lines.append(
+                f"| {task} | {cell['n']} | {eps} | {cell['trials']} | {c['queries']} | "
+                f"{','.join(map(str, c['verifier_retrainings']))} | {c['honest_accept_rate']:.2f} | {rejects} | "
+                f"{c['verifier_seconds']:.1f} | {c['honest_prover_seconds']:.0f} |"
+            )
+    lines += ["", "| task | Var f | s / retraining | " + " | ".join(["honest", *PROVERS[:-1]]) + " |",
+              "|---|---|---|" + "---|" * len(PROVERS)]  # fmt: skip
+    for task in ("digits", "CartPole-v1", "Acrobot-v1"):
+        cell = results.get(task)
+        if isinstance(cell, dict):
+            ex = cell["excess_over_variance"]
+            vals = " | ".join(f"{ex[p]:.3f}" for p in ("honest", *PROVERS[:-1]))
+            lines.append(
+                f"| {task} | {cell['variance']:.3g} | {cell['seconds_per_retraining']:.3f} | {vals} |"
+            )
+    scal = results.get("scaling")
+    if isinstance(scal, dict):
+        lines += ["", "| n | Verifier retrainings | Verifier s | s / retraining | default Prover answers | "
+                  "honest Prover s (10 n + m retrainings, estimate) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in scal["rows"]:
+            lines.append(f"| {r['n']} | {r['verifier_retrainings']} | {r['verifier_seconds']:.1f} | "
+                         f"{r['seconds_per_retraining']:.3f} | {r['queries_default']} | "
+                         f"{r['honest_prover_seconds_estimate']:.0f} |")  # fmt: skip
+    power = results.get("digits", {}).get("power") if isinstance(results.get("digits"), dict) else None
+    if isinstance(power, dict):
+        lines += ["", f"| scale factor (digits, epsilon {power['epsilon']}) | excess / Var f | accepted |",
+                  "|---|---|---|"]  # fmt: skip
+        for r in power["rows"]:
+            lines.append(f"| {r['factor']} | {r['excess_over_variance']:.3f} | {r['accept_rate']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,9 +251,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100, help="trials per digits cell")
     parser.add_argument("--ppo-trials", type=int, default=50, help="trials per PPO cell")
     parser.add_argument("--skip", nargs="*", default=[], help="cells to skip: digits ppo scaling")
+    parser.add_argument("--report-only", action="store_true", help="only write tables.md from results.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
+    if args.report_only:
+        atomic_write_bytes(out / "tables.md", tables(load_json(out / "results.json")).encode())
+        return
     previous = load_json(out / "results.json") if (out / "results.json").is_file() else {}
     for cell in previous.values():  # cells kept from an earlier run keep that run's provenance
         if isinstance(cell, dict) and "by_epsilon" in cell or isinstance(cell, dict) and "rows" in cell:
@@ -245,6 +295,7 @@ def main() -> None:
         }
         save_json(out / "scaling.json", results["scaling"])
     save_json(out / "results.json", {**previous, **results})
+    atomic_write_bytes(out / "tables.md", tables({**previous, **results}).encode())
 
 
 if __name__ == "__main__":
