@@ -152,27 +152,31 @@ def test_buffer_full_size_again_second_learn_and_save_load(tmp_path: Path) -> No
 def test_subproc_vec_env_and_no_advantage_normalisation() -> None:
     model = _model(SubprocVecEnv, n_epochs=1, normalize_advantage=False)
     seen = _spy_train_samples(model)
+    env = model.get_env()
+    assert env is not None
     try:
         cb = IIFCallback(drop="neg-bottom", p=1.0, min_keep=1)
         model.learn(N_STEPS * N_ENVS, callback=cb)
     finally:
-        model.env.close()
+        env.close()
     assert len(seen) == 1 and len(seen[0]) == cb.filter_history[0]["n_kept"] < N_STEPS * N_ENVS
 
 
 def _filled_buffer(dict_obs: bool, n_steps: int = 4, n_envs: int = 3) -> RolloutBuffer:
     box = spaces.Box(-np.inf, np.inf, (2,), np.float32)
-    obs_space = (
-        spaces.Dict({"a": box, "b": spaces.Box(-np.inf, np.inf, (1,), np.float32)}) if dict_obs else box
-    )
-    cls = DictRolloutBuffer if dict_obs else RolloutBuffer
-    buf = cls(n_steps, obs_space, spaces.Discrete(2), device="cpu", n_envs=n_envs)
+    buf: RolloutBuffer
+    if dict_obs:
+        space = spaces.Dict({"a": box, "b": spaces.Box(-np.inf, np.inf, (1,), np.float32)})
+        buf = DictRolloutBuffer(n_steps, space, spaces.Discrete(2), device="cpu", n_envs=n_envs)
+    else:
+        buf = RolloutBuffer(n_steps, box, spaces.Discrete(2), device="cpu", n_envs=n_envs)
     for s in range(n_steps):
         rec = np.arange(n_envs) + s * n_envs  # step-major record number
         o = np.stack([rec, -rec], 1).astype(np.float32)
         obs = {"a": o, "b": rec[:, None].astype(np.float32)} if dict_obs else o
         value = torch.tensor(rec, dtype=torch.float32)
-        buf.add(obs, rec % 2, rec.astype(np.float32), np.zeros(n_envs), value, value / 10)
+        # RolloutBuffer.add is annotated for array observations; DictRolloutBuffer.add takes the dict
+        buf.add(obs, rec % 2, rec.astype(np.float32), np.zeros(n_envs), value, value / 10)  # type: ignore[arg-type]
     buf.compute_returns_and_advantage(torch.zeros(n_envs), np.zeros(n_envs))
     return buf
 

@@ -15,6 +15,7 @@ import rlattr
 from rlattr.callbacks.sb3.influence import InfluenceCallback
 from rlattr.errors import MissingError, RunExistsError
 from rlattr.reporting.report import write_report
+from rlattr.rl.records import index_observations
 from rlattr.rl.targets import ReturnTarget
 from tests.callbacks.sb3.envs import SMALL_NET, ToyEnv
 
@@ -56,7 +57,8 @@ def test_snapshot_round_trip(tmp_path) -> None:
     assert run.meta["versions"]["stable-baselines3"] and "torch" in run.meta["versions"]
     scores = run.scores(2)
     torch.testing.assert_close(scores.scores, cb.last_scores.scores, rtol=0, atol=0)
-    assert torch.equal(scores.ids, cb.last_records.ids) and scores.by_group.shape == (32, 2)
+    assert cb.last_records is not None and torch.equal(scores.ids, cb.last_records.ids)
+    assert scores.by_group is not None and scores.by_group.shape == (32, 2)
     rec = run.records(2)
     for name, t in cb.last_records.to_tensors().items():
         assert torch.equal(rec.to_tensors()[name], t), name
@@ -142,7 +144,8 @@ def test_probe_scores_are_action_target_scores(tmp_path) -> None:
     run = rlattr.load_run(cb.run_dir)
     first = run.score_tensors(0)
     obs, act = first["probe_observations"], first["probe_actions"]
-    assert torch.equal(obs, run.records(0).observations[torch.tensor([0, 15, 31])])
+    probed = index_observations(run.records(0).observations, torch.tensor([0, 15, 31]))
+    assert isinstance(probed, torch.Tensor) and torch.equal(obs, probed)
     # round 1's probes against autograd through SB3's own policy at theta(1), one record at a time
     last = run.score_tensors(1)
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
