@@ -195,14 +195,14 @@ def is_iif_run(run: AttributionRun) -> bool:
 def _kept_masks(
     readable: dict[int, dict[str, Tensor]], dropped: dict[int, list[list[int]]]
 ) -> dict[int, Tensor]:
+    """``bool Tensor[n]`` per round: True where the stored record id is not among the dropped ids."""
     masks = {}
     for k, ids in dropped.items():
         if k not in readable:
             continue
-        stored = readable[k]["ids"].long()  # [n, 3]
-        drop = torch.tensor(ids, dtype=torch.long).reshape(-1, 3)
-        is_dropped = (stored[:, None, :] == drop[None, :, :]).all(-1).any(1) if len(drop) else None
-        masks[k] = ~is_dropped if is_dropped is not None else torch.ones(len(stored), dtype=torch.bool)
+        gone = {tuple(i) for i in ids}
+        stored = readable[k]["ids"].long().tolist()  # [n, 3]
+        masks[k] = torch.tensor([tuple(i) not in gone for i in stored], dtype=torch.bool)
     return masks
 
 
