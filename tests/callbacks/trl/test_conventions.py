@@ -21,6 +21,7 @@ from trl import TrlParser  # noqa: E402
 
 from rlattr import load_run  # noqa: E402
 from rlattr.callbacks.trl import IIFGRPOConfig, IIFGRPOTrainer, IIFRLOOConfig, IIFRLOOTrainer  # noqa: E402
+from rlattr.callbacks.trl.batch import keep_rows  # noqa: E402
 from rlattr.callbacks.trl.config import AttributionConfig  # noqa: E402
 from rlattr.errors import ConfigError, RlattrError, RunExistsError  # noqa: E402
 from rlattr.reporting.report import write_report  # noqa: E402
@@ -192,11 +193,12 @@ class InProcessVLLMClient:
     ``update_named_params`` receives the weights TRL streams to the server before each step.
     """
 
-    def __init__(self, model: Any, eos_token_id: int, seed: int = 0) -> None:
+    def __init__(self, model: Any, eos_token_id: int, seed: int = 0, bf16_weights: bool = False) -> None:
         import copy
 
         self.model = copy.deepcopy(model).eval()
         self.eos = eos_token_id
+        self.bf16_weights = bf16_weights  # like an engine serving bf16 weights: its log-probs differ a little
         self.generator = torch.Generator().manual_seed(seed)
         self.requests: list[list[list[int]]] = []
         self.responses: list[list[list[int]]] = []
@@ -208,7 +210,7 @@ class InProcessVLLMClient:
     def update_named_params(self, metadata: Any, params: Any) -> None:
         own = dict(self.model.named_parameters())
         for name, value in params:
-            own[name].data.copy_(value)
+            own[name].data.copy_(value.to(torch.bfloat16) if self.bf16_weights else value)
         self.syncs += 1
 
     def reset_prefix_cache(self) -> None:
@@ -283,3 +285,34 @@ def test_resuming_from_a_checkpoint_continues_the_run(tmp_path: Path) -> None:
     assert run.batch(2).global_step == 2 and torch.equal(
         run.batch(2).scores, again.attribution_history[0]["scores"]
     )
+
+
+def test_vllm_scores_include_trl_importance_sampling_correction(tmp_path: Path, monkeypatch: Any) -> None:
+    """The sampler's log-probs differ from the policy's (bf16 engine): TRL weights each row's loss by its
+    importance-sampling ratio, and the fused scores equal grad f_seq . -grad of that loss, row by row."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from tests.callbacks.trl.test_fused import _f_seq_grad, _train_micro_batches
+    from tests.callbacks.trl.test_trainer import N, _generate, _grad, make
+
+    tok = char_tokenizer()
+    client = InProcessVLLMClient(tiny_gpt2(tok), tok.eos_token_id, bf16_weights=True)
+    monkeypatch.setattr(VLLMGeneration, "_init_vllm", lambda self: setattr(self, "vllm_client", client))
+    over = {"use_vllm": True, "vllm_mode": "server", "loss_type": "grpo"}
+    t = make(IIFGRPOTrainer, tmp_path, AttributionConfig(TARGET, drop=False, save=False), **over)
+    assert t._attr_plan.fused, t._attr_plan.reason
+    out, target_out = _generate(t, PROMPTS[:2]), _generate(t, TARGET)
+    ratio = out["importance_sampling_ratio"]
+    assert (ratio - 1).abs().max() > 2e-4  # the correction is active and not trivial
+    gf = _f_seq_grad(t, target_out)
+    t._attr_direction = t._target_direction(target_out)
+    _train_micro_batches(t, out, 1, torch.arange(N))
+    # oracle: TRL's own loss (ratio included) on each row alone; grpo averages rows, so weight 1 / N
+    expected = torch.stack(
+        [
+            -(gf @ _grad(t, t._compute_loss(t.model, keep_rows(out, torch.arange(N) == i)))) / N
+            for i in range(N)
+        ]
+    )
+    assert expected.abs().max() > 1e-5
+    torch.testing.assert_close(t.attribution_history[-1]["scores"], expected, rtol=2e-3, atol=1e-6)
