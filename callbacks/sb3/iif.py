@@ -10,7 +10,8 @@ return target at theta(k); then this callback picks the kept records with a
 :mod:`rlattr.rl.filtering` rule and *compacts* SB3's rollout buffer to them: every per-record array
 becomes ``(n_kept, 1, ...)`` with ``buffer_size = n_kept`` and ``n_envs = 1``. SB3's own ``train()``
 then runs on the kept records alone, with its usual epochs, minibatches (fewer of them: that is where
-IIF saves time) and per-minibatch advantage normalisation. Zeroing the advantages of dropped records
+IIF saves time) and per-minibatch advantage normalisation. A round whose rule keeps every record
+leaves the buffer untouched, so PPO's update is then bit-identical to plain PPO's. Zeroing the advantages of dropped records
 would not be a filter: the normalisation turns the zeros into non-zero values.
 
 The buffer gets its shape back in ``_on_rollout_start`` (SB3 calls ``reset()`` just before it, on

@@ -11,6 +11,8 @@ a :class:`~rlattr.rl.records.RecordBatch`, scores every record against the targe
 (:func:`rlattr.rl.attribution.score_round`), logs ``attr/*`` to TensorBoard in SB3's run folder
 and writes a snapshot. It never changes what PPO does: it draws no random numbers (RNG states it
 must touch are put back), reads the buffer without modifying it, and leaves the parameters alone.
+A write that fails (a full disk, a read-only folder) warns once and stops that output (snapshots or
+TensorBoard); training goes on. One instance records one model's run: reusing it for another is refused.
 
 The policy is evaluated in the mode the rollout left it in (eval mode); for the usual policies
 (no dropout, no batch norm) that equals what ``train()`` sees.
