@@ -11,8 +11,9 @@ return target at theta(k); then this callback picks the kept records with a
 becomes ``(n_kept, 1, ...)`` with ``buffer_size = n_kept`` and ``n_envs = 1``. SB3's own ``train()``
 then runs on the kept records alone, with its usual epochs, minibatches (fewer of them: that is where
 IIF saves time) and per-minibatch advantage normalisation. A round whose rule keeps every record
-leaves the buffer untouched, so PPO's update is then bit-identical to plain PPO's. Zeroing the advantages of dropped records
-would not be a filter: the normalisation turns the zeros into non-zero values.
+leaves the buffer untouched, so PPO's update is then bit-identical to plain PPO's. Zeroing the
+advantages of dropped records would not be a filter: the normalisation turns the zeros into
+non-zero values.
 
 The buffer gets its shape back in ``_on_rollout_start`` (SB3 calls ``reset()`` just before it, on
 the compacted shape; the callback resets again on the original one) and in ``_on_training_end``, so
