@@ -24,7 +24,6 @@ from rlattr.callbacks.trl import IIFGRPOConfig, IIFGRPOTrainer, IIFRLOOConfig, I
 from rlattr.callbacks.trl.batch import keep_rows  # noqa: E402
 from rlattr.callbacks.trl.config import AttributionConfig  # noqa: E402
 from rlattr.errors import ConfigError, RlattrError, RunExistsError  # noqa: E402
-from rlattr.reporting.report import write_report  # noqa: E402
 from rlattr.reporting.summary import score_summary  # noqa: E402
 from rlattr.rl.pair_runs import PairRun  # noqa: E402
 from rlattr.testing.tiny_lm import char_tokenizer, tiny_gpt2  # noqa: E402
@@ -144,7 +143,12 @@ def test_run_on_disk_reads_back_and_renders(tmp_path: Path) -> None:
     top = t.attribution_history[-1]["text"][0]
     b = run.batch(1)
     assert b.completions[top["index"]] == top["completion"] and b.prompts[top["index"]] == top["prompt"]
-    page = write_report(tmp_path, tmp_path / "report").read_text()
+    from rlattr.cli import main
+
+    assert (
+        main(["report", str(tmp_path), "--out", str(tmp_path / "report"), "--no-progress"]) == 0
+    )  # rlattr report
+    page = (tmp_path / "report" / "index.html").read_text()
     assert "RLHF run" in page and "IIFGRPOTrainer" in page and "generation batch 1" in page
     # the output folder holds a run now: a second run there is refused before training changes anything
     with pytest.raises(RunExistsError, match="already holds an rlattr run"):
@@ -316,3 +320,35 @@ def test_vllm_scores_include_trl_importance_sampling_correction(tmp_path: Path, 
     )
     assert expected.abs().max() > 1e-5
     torch.testing.assert_close(t.attribution_history[-1]["scores"], expected, rtol=2e-3, atol=1e-6)
+
+
+def test_completion_tables_go_to_wandb_and_trackio_like_trl_s(tmp_path: Path, monkeypatch: Any) -> None:
+    """With log_completions, the top / bottom table is logged as a Table to the backends TRL logs its own to."""
+    import sys
+    import types
+
+    from rlattr.callbacks.trl.logs import AttributionLogger
+
+    logged: list[tuple[str, dict]] = []
+    for name in ("wandb", "trackio"):
+        mod = types.ModuleType(name)
+        mod.run = object()  # type: ignore[attr-defined]  # an active wandb run
+        mod.Table = lambda dataframe: ("table", dataframe)  # type: ignore[attr-defined]
+        mod.log = lambda data, _n=name: logged.append((_n, data))  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, name, mod)
+    rows = [
+        {"index": 3, "score": 2.5, "advantage": 1.0, "prompt": "1+2=", "completion": "3", "end": "top"},
+        {"index": 0, "score": -1.5, "advantage": -1.0, "prompt": "0+0=", "completion": "x", "end": "bottom"},
+    ]
+    logger = AttributionLogger()
+    logger._pending = [{"text": rows}]
+    args = types.SimpleNamespace(output_dir=str(tmp_path), report_to=["wandb", "trackio"])
+    logger._write_completion_tables(args, 7)
+    assert [n for n, _ in logged] == ["wandb", "trackio"]
+    frame = logged[0][1]["attr/top_bottom"][1]
+    assert (
+        list(frame["score"]) == [2.5, -1.5]
+        and list(frame["step"]) == [7, 7]
+        and list(frame["end"]) == ["top", "bottom"]
+    )
+    assert (tmp_path / "completions" / "attr_top_bottom_00007.parquet").is_file()
