@@ -119,7 +119,8 @@ def _settings_html(run: AttributionRun) -> str:
                 rows.append((key, str(versions[key])))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     config = run_dir / "config.yaml"
-    text = config.read_text(errors="replace")[:20_000] if config.is_file() else ""
+    # a received run folder is untrusted: a link could point anywhere on this machine
+    text = config.read_text(errors="replace")[:20_000] if config.is_file() and not config.is_symlink() else ""
     seed_text = html.escape(str(seed)) if seed is not None else "not recorded (set PPO's seed)"
     out = f"<p>seed: <strong>{seed_text}</strong></p><details><summary>PPO settings and versions</summary>"
     out += f"<table>{table}</table></details>"
@@ -129,6 +130,8 @@ def _settings_html(run: AttributionRun) -> str:
 
 
 def _json_dict(path: Path) -> dict[str, Any]:
+    if path.is_symlink():
+        return {}
     try:
         data = load_json(path)
     except (StoreError, OSError, json.JSONDecodeError):

@@ -162,3 +162,14 @@ def test_page_loads_in_a_real_browser(which, influence_run, iif_run, tmp_path) -
     assert check.strip() == f"IMAGES {n_images} BROKEN []"
     console = [line for line in out.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console == []
+
+
+def test_linked_files_of_a_received_run_are_not_read(influence_run, tmp_path) -> None:
+    cb, _ = influence_run
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do-not-show-me: 42\n")
+    run_dir = tmp_path / "received"
+    shutil.copytree(cb.run_dir, run_dir)
+    (run_dir / "config.yaml").symlink_to(secret)
+    page = write_report(run_dir, progress=False).read_text()
+    assert "do-not-show-me" not in page and "How to read this page" in page
