@@ -27,7 +27,7 @@ import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from rlattr.eval.groundtruth import leave_one_out, subset_masks, subset_retraini
 from rlattr.eval.metrics import lds, loo_correlation
 from rlattr.provenance import provenance
 from rlattr.testing.supervised import (
+    ModelKind,
     ce_of_logits,
     classification_task,
     load_digits_split,
@@ -102,7 +103,10 @@ class Setting:
     """One model kind: data, the trained model, its Task, ground-truth retraining."""
 
     def __init__(self, kind: str, cfg: BenchConfig) -> None:
-        self.kind, self.cfg = kind, cfg
+        if kind not in get_args(ModelKind):
+            raise ValueError(f"models: got {kind!r}; supported: {list(get_args(ModelKind))}")
+        self.kind: ModelKind = cast(ModelKind, kind)
+        self.cfg = cfg
         data = load_digits_split(cfg.n_train, seed=cfg.seed, dtype=torch.float64)
         self.train = data.train_batch()
         self.queries = {"x": data.x_test[: cfg.n_queries], "y": data.y_test[: cfg.n_queries]}
@@ -110,7 +114,7 @@ class Setting:
         self.fit_queries = {"x": data.x_test[fit], "y": data.y_test[fit]}
         self.model = self.fit_model(torch.ones(cfg.n_train), init_seed=0, warm=None)
         self.task = classification_task(self.model, groups="tensor")
-        self.curvature = {"output": per_record_logits(self.model), "output_loss": ce_of_logits}
+        self.output = per_record_logits(self.model)  # the curvature's output and its loss
 
     def fit_model(self, weights: torch.Tensor, init_seed: int, warm: nn.Module | None) -> nn.Module:
         model = copy.deepcopy(warm) if warm is not None else make_model(self.kind, seed=init_seed).double()
@@ -158,16 +162,26 @@ class Setting:
 
 def method_table(s: Setting) -> dict[str, Any]:
     """name -> zero-argument constructor of a cached-and-ready attributor."""
-    cfg, task, curv = s.cfg, s.task, s.curvature
-    trak_kw = {
-        "proj_dim": cfg.proj_dim,
-        "damping": cfg.trak_damping,
-        "output": per_record_margin(s.model),
-        "output_weight": margin_weight(s.model),
-    }
+    cfg, task = s.cfg, s.task
+    margin, weight = per_record_margin(s.model), margin_weight(s.model)
+
+    def trak(members: list[dict[str, torch.Tensor]]) -> TRAK:
+        return TRAK(
+            task,
+            members,
+            proj_dim=cfg.proj_dim,
+            damping=cfg.trak_damping,
+            output=margin,
+            output_weight=weight,
+        )
+
+    def curvature(strategy: str, **opts: Any) -> InfluenceFunction:
+        return InfluenceFunction(
+            task, strategy=strategy, l2=cfg.l2, output=s.output, output_loss=ce_of_logits, **opts
+        )
 
     def influence(strategy: str, **opts: Any) -> Any:
-        return lambda: InfluenceFunction(task, strategy=strategy, l2=cfg.l2, **curv, **opts).cache(s.train)
+        return lambda: curvature(strategy, **opts).cache(s.train)
 
     def weighted(base: Any) -> Any:
         return lambda: LearnedWeights(base()).cache(s.train).fit(s.fit_queries)
@@ -185,13 +199,15 @@ def method_table(s: Setting) -> dict[str, Any]:
         "IF EK-FAC": lambda: InfluenceFunction(task, strategy="ekfac", l2=cfg.l2, hessian_data=fisher).cache(
             s.train
         ),
-        "TRAK-1": lambda: TRAK(task, members[:1], **trak_kw).cache(s.train),
-        "TRAK-10": lambda: TRAK(task, members, **trak_kw).cache(s.train),
-        "RIF": lambda: RescaledInfluence(task, l2=cfg.l2, **curv).cache(s.train),
+        "TRAK-1": lambda: trak(members[:1]).cache(s.train),
+        "TRAK-10": lambda: trak(members).cache(s.train),
+        "RIF": lambda: RescaledInfluence(task, l2=cfg.l2, output=s.output, output_loss=ce_of_logits).cache(
+            s.train
+        ),
     }
     table["LW(TracIn)"] = weighted(lambda: TracIn(task, *ckpts))
-    table["LW(IF explicit)"] = weighted(lambda: InfluenceFunction(task, l2=cfg.l2, **curv))
-    table["LW(TRAK-10)"] = weighted(lambda: TRAK(task, members, **trak_kw))
+    table["LW(IF explicit)"] = weighted(lambda: curvature("explicit"))
+    table["LW(TRAK-10)"] = weighted(lambda: trak(members))
     return table
 
 
