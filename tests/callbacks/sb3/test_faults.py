@@ -28,7 +28,14 @@ ROUNDS, N_STEPS, N_ENVS = 3, 16, 2
 def _model(env_id: str = "CartPole-v1", seed: int = 3, **kwargs) -> PPO:
     env = make_vec_env(env_id, n_envs=N_ENVS, seed=seed)
     return PPO(
-        "MlpPolicy", env, n_steps=N_STEPS, batch_size=16, n_epochs=2, seed=seed, policy_kwargs=SMALL_NET, **kwargs
+        "MlpPolicy",
+        env,
+        n_steps=N_STEPS,
+        batch_size=16,
+        n_epochs=2,
+        seed=seed,
+        policy_kwargs=SMALL_NET,
+        **kwargs,
     )
 
 
@@ -89,7 +96,9 @@ def test_reusing_a_callback_for_another_model_is_refused(tmp_path) -> None:
     model = _model()
     model.learn(N_STEPS * N_ENVS, callback=cb)
     model.learn(N_STEPS * N_ENVS, callback=cb, reset_num_timesteps=False)  # the same model: continues
-    with pytest.raises(RlattrError, match="callback: this InfluenceCallback already recorded a run of another model"):
+    with pytest.raises(
+        RlattrError, match="callback: this InfluenceCallback already recorded a run of another model"
+    ):
         _model().learn(N_STEPS * N_ENVS, callback=cb)
     assert len(rlattr.load_run(tmp_path).rounds) == 2
 
@@ -121,7 +130,10 @@ class NanReward(gym.Wrapper):
 def test_nan_rewards_are_named() -> None:
     env = make_vec_env("CartPole-v1", n_envs=1, seed=0, wrapper_class=NanReward)
     model = PPO("MlpPolicy", env, n_steps=N_STEPS, batch_size=16, policy_kwargs=SMALL_NET)
-    with pytest.raises(RlattrError, match="rewards: round 0 holds 16 non-finite reward"), warnings.catch_warnings():
+    with (
+        pytest.raises(RlattrError, match="rewards: round 0 holds 16 non-finite reward"),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         model.learn(N_STEPS, callback=InfluenceCallback())
 
@@ -131,9 +143,14 @@ def test_a_frozen_actor_is_named_before_the_first_rollout() -> None:
     for name, p in model.policy.named_parameters():
         if not name.startswith("value_net") and "value" not in name:
             p.requires_grad_(False)
-    steps = []
+    steps: list[int] = []
+
+    def count_step() -> bool:
+        steps.append(1)
+        return True
+
     cb = InfluenceCallback()
-    cb._on_step = lambda: steps.append(1) or True  # type: ignore[method-assign]
+    cb._on_step = count_step  # type: ignore[method-assign]
     with pytest.raises(RlattrError, match="params: no trainable actor parameter"):
         model.learn(N_STEPS * N_ENVS, callback=cb)
     assert steps == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from rlattr.callbacks.sb3.config import ConfigError, config_from_dict
 from rlattr.callbacks.sb3.train import check_config, resolve_policy_kwargs
 from rlattr.cli import main
 
-TINY = {
+TINY: dict[str, Any] = {
     "env_id": "CartPole-v1",
     "exp_name": "t",
     "seed": 1,
@@ -114,7 +115,7 @@ def test_a_killed_run_keeps_its_model_and_resumes(tmp_path, monkeypatch, capsys)
     from rlattr.callbacks.sb3.influence import InfluenceCallback
     from rlattr.callbacks.sb3.train import build_model
 
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
     def kill_in_round_2(self, records, scores) -> None:
         if records.round_index == 2:  # the policy here is the one trained on rounds 0 and 1
