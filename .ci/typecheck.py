@@ -7,6 +7,9 @@ install's import hook, so plain `mypy callbacks tests` names those files `callba
 line, renames the sources under `callbacks/` to `rlattr.callbacks.*`, and runs the same build.
 
 Usage: python .ci/typecheck.py rlattr callbacks experiments tests   (any mypy arguments)
+
+`callbacks/` is always added to the sources: outside them, `rlattr.callbacks` cannot be resolved
+and would again be `Any`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def main(args: list[str]) -> int:
     t0 = time.time()
     fscache = FileSystemCache()
     sources, options = process_options(args, fscache=fscache)
+    if not any(installed_name(s.path, s.module) != s.module for s in sources):
+        sources, options = process_options([*args, str(ADAPTERS)], fscache=fscache)
     for source in sources:
         source.module = installed_name(source.path, source.module)
     # lets `import rlattr.callbacks.x` resolve to the renamed sources instead of the search path
