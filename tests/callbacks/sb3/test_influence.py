@@ -201,6 +201,7 @@ def test_by_group_columns_sum_to_total() -> None:
     cb = InfluenceCallback(by_group=True)
     model.learn(32, callback=cb)
     s = cb.last_scores
+    assert s is not None and s.by_group is not None
     assert s.by_group.shape == (32, len(s.group_names)) and s.group_names == [
         "mlp_extractor.policy_net.0",
         "action_net",
@@ -353,4 +354,4 @@ def test_validation_target_leaves_ppo_unchanged_and_scores_against_validation_da
     val = collect_validation(cb.model, make_vec_env("CartPole-v1", n_envs=1, seed=9), 8, 0)
     assert len(val) == 8 and val.id_list()[3] == (0, 3, 0)
     with pytest.raises(TypeError, match="validation_env: expected a stable_baselines3 VecEnv"):
-        collect_validation(cb.model, object(), 8, 0)
+        collect_validation(cb.model, object(), 8, 0)  # type: ignore[arg-type]

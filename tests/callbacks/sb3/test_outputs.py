@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import rlattr
 from rlattr.callbacks.sb3.influence import InfluenceCallback
 from rlattr.errors import MissingError, RunExistsError
 from rlattr.reporting.report import write_report
+from rlattr.rl.attribution import RoundScores
 from rlattr.rl.records import index_observations
 from rlattr.rl.targets import ReturnTarget
 from tests.callbacks.sb3.envs import SMALL_NET, ToyEnv
@@ -29,6 +31,16 @@ class KeepTheta(InfluenceCallback):
 
     def _on_round_scored(self, records, scores) -> None:
         self.thetas[records.round_index] = copy.deepcopy(self.model.policy.state_dict())
+
+
+def _folder(cb: InfluenceCallback) -> Path:
+    assert cb.run_dir is not None
+    return cb.run_dir
+
+
+def _scores(cb: InfluenceCallback) -> RoundScores:
+    assert cb.last_scores is not None
+    return cb.last_scores
 
 
 def _learn(tmp_path, rounds: int = 4, **cb_kwargs) -> tuple[PPO, KeepTheta]:
@@ -51,12 +63,12 @@ def _learn(tmp_path, rounds: int = 4, **cb_kwargs) -> tuple[PPO, KeepTheta]:
 def test_snapshot_round_trip(tmp_path) -> None:
     model, cb = _learn(tmp_path, rounds=3, by_group=True)
     assert cb.run_dir == tmp_path / "runs" / "PPO_1"
-    run = rlattr.load_run(cb.run_dir)
+    run = rlattr.load_run(_folder(cb))
     assert run.rounds == [0, 1, 2]
     assert run.meta["hyperparameters"]["n_steps"] == 16 and run.meta["target"]["name"] == "return"
     assert run.meta["versions"]["stable-baselines3"] and "torch" in run.meta["versions"]
     scores = run.scores(2)
-    torch.testing.assert_close(scores.scores, cb.last_scores.scores, rtol=0, atol=0)
+    torch.testing.assert_close(scores.scores, _scores(cb).scores, rtol=0, atol=0)
     assert cb.last_records is not None and torch.equal(scores.ids, cb.last_records.ids)
     assert scores.by_group is not None and scores.by_group.shape == (32, 2)
     rec = run.records(2)
@@ -70,7 +82,7 @@ def test_snapshot_round_trip(tmp_path) -> None:
 
 def test_retention_keeps_every_kth_and_last_n(tmp_path) -> None:
     _, cb = _learn(tmp_path, rounds=7, snapshot_every=2, keep_last=2)
-    run = rlattr.load_run(cb.run_dir / "rlattr")
+    run = rlattr.load_run(_folder(cb) / "rlattr")
     assert run.rounds == list(range(7))  # scores of every round are kept
     assert [k for k in run.rounds if run.has_snapshot(k)] == [4, 6]
     with pytest.raises(MissingError, match="pruned"):
@@ -97,8 +109,10 @@ def test_tensorboard_events_carry_attr_tags(tmp_path) -> None:
     assert pos == pytest.approx([h["positive_fraction"] for h in cb.history], abs=1e-6)
     assert [e.step for e in acc.Scalars("attr/seconds")] == [32, 64, 96]
     assert len(acc.Images("attr/score_vs_advantage")) == 2  # rounds 0 and 2
-    parts = cb.last_scores.by_group.abs().sum(0)
-    share = [acc.Scalars(f"attr/layer_share/{g}")[-1].value for g in cb.last_scores.group_names]
+    by_group = _scores(cb).by_group
+    assert by_group is not None
+    parts = by_group.abs().sum(0)
+    share = [acc.Scalars(f"attr/layer_share/{g}")[-1].value for g in _scores(cb).group_names]
     assert share == pytest.approx((parts / parts.sum()).tolist(), abs=1e-6)
 
 
@@ -141,7 +155,7 @@ def _probe_oracle(policy, records, config, names, obs, act) -> tuple[torch.Tenso
 
 def test_probe_scores_are_action_target_scores(tmp_path) -> None:
     _, cb = _learn(tmp_path, rounds=2, probe_states=3)
-    run = rlattr.load_run(cb.run_dir)
+    run = rlattr.load_run(_folder(cb))
     first = run.score_tensors(0)
     obs, act = first["probe_observations"], first["probe_actions"]
     probed = index_observations(run.records(0).observations, torch.tensor([0, 15, 31]))
@@ -162,7 +176,7 @@ def test_probe_scores_are_action_target_scores(tmp_path) -> None:
 def test_second_learn_call_continues_the_run(tmp_path) -> None:
     model, cb = _learn(tmp_path, rounds=2)
     model.learn(32, callback=cb, reset_num_timesteps=False)
-    run = rlattr.load_run(cb.run_dir)
+    run = rlattr.load_run(_folder(cb))
     assert run.rounds == [0, 1, 2] and run.scores(2).ids[0].tolist() == [2, 0, 0]
 
 
@@ -191,13 +205,14 @@ def test_dict_observations_end_to_end(tmp_path) -> None:
     for k, v in plain.policy.state_dict().items():  # the callback changed nothing PPO did
         assert torch.equal(v, model.policy.state_dict()[k]), k
 
-    run = rlattr.load_run(cb.run_dir)
+    run = rlattr.load_run(_folder(cb))
     rec = run.records(2)
     assert isinstance(rec.observations, dict) and sorted(rec.observations) == ["k", "x"]
+    assert cb.last_records is not None and isinstance(cb.last_records.observations, dict)
     for key, value in cb.last_records.observations.items():
         assert torch.equal(rec.observations[key], value), key
     assert rec.observations["x"].shape == (32, 3) and rec.observations["k"].shape == (32, 1)
-    assert torch.equal(run.scores(2).scores, cb.last_scores.scores)
+    assert torch.equal(run.scores(2).scores, _scores(cb).scores)
 
     # the probes' log pi(a|s) at theta(k), against SB3's own evaluate_actions on the stored states
     first = run.score_tensors(0)
@@ -216,5 +231,5 @@ def test_dict_observations_end_to_end(tmp_path) -> None:
     acc.Reload()
     text = acc.Tensors("attr/top_bottom/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "x: [" in text and "k: [" in text
-    index = write_report(cb.run_dir)
+    index = write_report(_folder(cb))
     assert "x: [" in index.read_text()
