@@ -61,7 +61,7 @@ def test_replay_reproduces_sb3_theta_next(space: spaces.Space, kwargs: dict) -> 
         assert snap.meta["rng_verified"]
         assert snap.theta_next is not None and max_abs_diff(snap.theta, snap.theta_next) > 1e-5
         result = replay_round(model.policy, evaluator, snap)
-        assert max_abs_diff(result.theta, snap.theta_next) <= 1e-6
+        assert snap.theta_next is not None and max_abs_diff(result.theta, snap.theta_next) <= 1e-6
     if "target_kl" in kwargs:
         assert result.stopped_early and result.n_updates < 3 * 4
         assert snap.meta["epochs_drawn"] == (result.n_updates // 4) + 1
@@ -88,7 +88,7 @@ def test_recorder_leaves_training_unchanged_and_collects_validation() -> None:
         actor_eval=SB3PolicyEval(model.policy),
     )
     assert result.tracin is not None and torch.isfinite(result.tracin).all()
-    assert max_abs_diff(result.theta, snap.theta_next) <= 1e-6
+    assert snap.theta_next is not None and max_abs_diff(result.theta, snap.theta_next) <= 1e-6
 
 
 def test_sb3_permutations_map_env_major_to_step_major() -> None:
@@ -167,7 +167,7 @@ def test_tracin_over_steps_equals_brute_force_sum() -> None:
     expected = brute_force_tracin(snap)
     assert result.tracin is not None and result.tracin.shape == (32,)
     torch.testing.assert_close(result.tracin, expected, rtol=1e-4, atol=1e-6)
-    assert max_abs_diff(result.theta, snap.theta_next) <= 1e-6
+    assert snap.theta_next is not None and max_abs_diff(result.theta, snap.theta_next) <= 1e-6
 
 
 def test_replay_after_iif_compaction() -> None:
@@ -179,4 +179,5 @@ def test_replay_after_iif_compaction() -> None:
     evaluator = SB3PolicyEval(model.policy, with_values=True)
     for k, snap in recorder.snapshots.items():
         assert len(snap.records) == iif.filter_history[k]["n_kept"] < 32
+        assert snap.theta_next is not None
         assert max_abs_diff(replay_round(model.policy, evaluator, snap).theta, snap.theta_next) <= 1e-6
