@@ -222,7 +222,8 @@ def directional_scores(
     n = batch_size(batch)
     groups = task.group_names if by_group else ["*"]
     members = {g: [k for k in task.tracked_names if not by_group or task.group_of[k] == g] for g in groups}
-    out = torch.empty(n, len(groups), dtype=next(iter(p.values())).dtype)
+    first = next(iter(p.values()))
+    out = torch.empty(n, len(groups), dtype=first.dtype, device=first.device)
     for start, stop in _chunks(n, chunk_size):
         chunk = slice_batch(batch, start, stop)
         for j, g in enumerate(groups):

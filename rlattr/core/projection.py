@@ -17,7 +17,7 @@ from torch import Tensor
 from rlattr.errors import RlattrError
 
 ProjectionKind = Literal["gaussian", "rademacher", "sparse"]
-PROJECTION_KINDS = ("gaussian", "rademacher", "sparse")
+PROJECTION_KINDS: tuple[ProjectionKind, ...] = ("gaussian", "rademacher", "sparse")
 _SEED_STRIDE = 1_000_003
 
 
@@ -70,12 +70,13 @@ class RandomProjection:
         gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + b)
         k = self.dim_out
         if self.kind == "gaussian":
-            out = torch.randn(rows, k, generator=gen) / math.sqrt(k)
+            out = torch.randn(rows, k, generator=gen, dtype=torch.float32, device="cpu") / math.sqrt(k)
         elif self.kind == "rademacher":
-            out = (torch.randint(0, 2, (rows, k), generator=gen) * 2 - 1).float() / math.sqrt(k)
+            bits = torch.randint(0, 2, (rows, k), generator=gen, device="cpu")
+            out = (bits * 2 - 1).float() / math.sqrt(k)
         else:
-            u = torch.rand(rows, k, generator=gen)
-            sign = torch.where(u < self.density / 2, -1.0, 1.0)
+            u = torch.rand(rows, k, generator=gen, dtype=torch.float32, device="cpu")
+            sign = 1.0 - 2.0 * (u < self.density / 2).float()
             out = torch.where(u < self.density, sign, 0.0) / math.sqrt(self.density * k)
         if self._cache is not None:
             self._cache[b] = out

@@ -153,10 +153,9 @@ class ObjectiveHessian:
 
     def max_eigenvalue(self, iters: int = 30, seed: int = 0) -> float:
         """Power-iteration estimate of the largest eigenvalue of H."""
-        gen = torch.Generator().manual_seed(seed)  # a CPU stream: the same start vector on any device
-        v = torch.randn(self.dim, 1, generator=gen, dtype=self.theta.dtype, device="cpu").to(
-            self.theta.device
-        )
+        # one CPU float64 stream: the same start vector for any dtype and device
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(self.dim, 1, generator=gen, dtype=torch.float64, device="cpu").to(self.theta)
         lam = 0.0
         for _ in range(iters):
             w = self.matvec(v / v.norm())

@@ -104,13 +104,16 @@ class RescaledInfluence(InfluenceFunction):
         if self.output is not None and self.output_loss is not None:
             jac, a = record_curvature_factors(self.task, self.output, self.output_loss, batch)
         else:
-            jac, a = grads[:, None, :], torch.ones(grads.shape[0], 1, 1, dtype=grads.dtype)
-        jac, a = jac.to(grads.dtype), a.to(grads.dtype) / n_total
+            jac, a = (
+                grads[:, None, :],
+                torch.ones(grads.shape[0], 1, 1, dtype=grads.dtype, device=grads.device),
+            )
+        jac, a = jac.to(grads), a.to(grads) / n_total
         b, c, d = jac.shape
         u = self.solver.solve(grads.T).T
         hj = self.solver.solve(jac.reshape(b * c, d).T).T.reshape(b, c, d)
         lev = a @ torch.einsum("bcd,bed->bce", jac, hj)
-        m = torch.eye(c, dtype=grads.dtype) - lev
+        m = torch.eye(c, dtype=grads.dtype, device=grads.device) - lev
         rhs = a @ torch.einsum("bcd,bd->bc", jac, u).unsqueeze(-1)
         r = u + torch.einsum("bcd,bc->bd", hj, torch.linalg.solve(m, rhs).squeeze(-1))
         return r, torch.linalg.eigvals(lev).real.max(dim=1).values
@@ -168,8 +171,9 @@ class NewtonStep(Attributor):
         return self
 
     def _mask(self, remove: Tensor | list[int]) -> Tensor:
-        n = self._require_cache().shape[0]
-        idx = torch.as_tensor(remove)
+        g = self._require_cache()
+        n = g.shape[0]
+        idx = torch.as_tensor(remove, device=g.device)
         if idx.dtype == torch.bool:
             if idx.shape != (n,):
                 raise RlattrError(f"remove: a boolean mask must have shape ({n},), got {tuple(idx.shape)}")

@@ -89,21 +89,21 @@ class TRAK(Attributor):
     ) -> tuple[Tensor, Tensor | None]:
         if self._out_task is None:
             phi = self._features(self.task, train, params, proj)
-            sign = torch.ones(phi.shape[0], dtype=phi.dtype)
+            sign = torch.ones(phi.shape[0], dtype=phi.dtype, device=phi.device)
         else:
             phi = self._features(self._out_task, train, params, proj)
             w = (
                 self.output_weight(params, train)
                 if self.output_weight is not None
-                else torch.ones(phi.shape[0])
+                else torch.ones(phi.shape[0], dtype=phi.dtype, device=phi.device)
             )
-            sign = -w.detach().to(phi.dtype).reshape(-1)
+            sign = -w.detach().to(phi).reshape(-1)
         n, k = phi.shape
         lam = self.damping * float(phi.pow(2).sum(1).mean())
         if k <= n:
-            kern = phi.T @ phi + lam * torch.eye(k, dtype=phi.dtype)
+            kern = phi.T @ phi + lam * torch.eye(k, dtype=phi.dtype, device=phi.device)
             return torch.linalg.solve(kern, (sign[:, None] * phi).T).T, None
-        gram = phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype)
+        gram = phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype, device=phi.device)
         return phi, torch.linalg.solve(gram, torch.diag(sign))
 
     def cache(self, train: Batch) -> TRAK:

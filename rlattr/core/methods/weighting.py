@@ -63,7 +63,8 @@ class LearnedWeights(Attributor):
         if reg < 0 or steps < 0 or lr <= 0:
             raise RlattrError(f"reg, steps, lr: need reg >= 0, steps >= 0, lr > 0; got {reg}, {steps}, {lr}")
         self.base, self.top_k, self.reg, self.steps, self.lr = base, top_k, reg, steps, lr
-        self.weights = torch.ones(len(self.task.group_names))
+        first = next(iter(self.task.tracked_params().values()))
+        self.weights = torch.ones(len(self.task.group_names), dtype=first.dtype, device=first.device)
         self.history: list[float] = []
 
     @property
@@ -85,7 +86,7 @@ class LearnedWeights(Attributor):
         k = self.top_k if self.top_k is not None else max(1, math.ceil(0.01 * n))
         if k > n:
             raise RlattrError(f"top_k: {k} exceeds the {n} training records")
-        logits = torch.zeros(g, dtype=torch.float64, requires_grad=True)
+        logits = torch.zeros(g, dtype=torch.float64, device=contrib.device, requires_grad=True)
         opt = torch.optim.Adam([logits], lr=self.lr)
         self.history = []
         for _ in range(self.steps):
@@ -94,10 +95,10 @@ class LearnedWeights(Attributor):
             loss.backward()
             opt.step()
             self.history.append(float(loss.detach()))
-        self.weights = (g * torch.softmax(logits.detach(), 0)).float()
+        self.weights = (g * torch.softmax(logits.detach(), 0)).to(self.weights)
         return self
 
     def attribute(self, query: Batch) -> Tensor:
         self._require_cache()
         contrib = self.base.attribute_by_group(query)
-        return contrib @ self.weights.to(contrib.dtype)
+        return contrib @ self.weights.to(contrib)
