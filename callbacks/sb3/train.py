@@ -218,12 +218,13 @@ def resume(run_dir: str | Path, *, progress_bar: bool = True, argv: list[str] | 
     run that was never interrupted. Rounds scored after the checkpoint are discarded and redone.
     """
     run_dir = Path(run_dir)
-    for name in ("config.yaml", CHECKPOINT):
+    why = {
+        "config.yaml": "not a run folder of rlattr train",
+        CHECKPOINT: "killed before its first round ended",
+    }
+    for name, reason in why.items():
         if not (run_dir / name).is_file():
-            raise MissingError(
-                f"resume: {str(run_dir)!r} holds no {name} (not an rlattr train run, or killed before its "
-                "first round ended); start a new run"
-            )
+            raise MissingError(f"resume: {str(run_dir)!r} holds no {name} ({reason}); start a new run")
     config = load_config(run_dir / "config.yaml")
     check_config(config)
     if config.torch_threads is not None:
