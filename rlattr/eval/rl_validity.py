@@ -41,7 +41,7 @@ from rlattr.errors import RlattrError
 from rlattr.eval.groundtruth import subset_masks, subset_retraining
 from rlattr.eval.metrics import lds, spearman
 from rlattr.rl.attribution import RoundSpec, build_round_task, score_round
-from rlattr.rl.filtering import NegBottom, RandomDrop
+from rlattr.rl.filtering import make_rule
 from rlattr.rl.ppo import PolicyEval, PPOLossConfig
 from rlattr.rl.records import num_observations
 from rlattr.rl.replay import RoundSnapshot, replay_round, seeded_permutations
@@ -335,13 +335,12 @@ def intervention_thetas(
         raise RlattrError(f"scores: expected Tensor[{n}], got {tuple(scores.shape)}")
     if n_random < 1:
         raise RlattrError(f"n_random: must be >= 1, got {n_random}")
-    rule = NegBottom(p)
-    kept = rule(scores.float()).keep
+    kept = make_rule("neg-bottom", p=p)(scores.float()).keep
 
     def run(keep: Tensor) -> dict[str, Tensor]:
         return retrain_subset(ctx.model, ctx.policy_eval, ctx.snapshot, keep, seed)
 
-    randoms = [RandomDrop(rule, seed=seed + 1 + r)(scores.float()).keep for r in range(n_random)]
+    randoms = [make_rule("random", p=p, seed=seed + 1 + r)(scores.float()).keep for r in range(n_random)]
     return {
         "full": run(torch.ones(n, dtype=torch.bool)),
         "bottom": run(kept),
