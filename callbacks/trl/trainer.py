@@ -2,16 +2,23 @@
 
 TrainerCallbacks never see TRL's generation batch, so the hook is a mixin that wraps
 ``_generate_and_score_completions``: right after TRL has generated, rewarded and given advantages
-to a generation batch (and before it shuffles and splits it into micro-batches), the mixin
+to a generation batch, the mixin
 
-1. samples completions for a held-out prompt set from the current policy (with the trainer's own
-   generation, rewards and advantages) and takes the gradient of
-   ``f_seq = mean A(x, y) * log pi(y | x)`` on the trainable parameters (LoRA adapters under peft);
-2. scores every prompt-completion pair by ``<grad f_seq, -grad L_i>`` with L_i the pair's share of
-   the trainer's own loss (its ``loss_type`` and normaliser; :mod:`rlattr.rl.sequence`);
-3. optionally drops pairs chosen by a selection rule (default: every negative pair), by removing
-   their rows, so they contribute no gradient and every normaliser counts only kept rows and tokens
-   (``num_items_in_batch`` is recomputed over all processes).
+1. (every ``target_every`` batches) samples completions for a held-out prompt set through the
+   trainer's own generation and takes the gradient of ``f_seq = mean A(x, y) * log pi(y | x)`` on
+   the trainable parameters (LoRA adapters under peft), with TRL's own log-probs, capturing each
+   layer's inputs and output gradients (:mod:`rlattr.callbacks.trl.fused`);
+2. scores every prompt-completion pair by ``<grad f_seq, -grad L_i>``, L_i the pair's share of TRL's
+   own loss as TRL back-propagates it (any ``loss_type``, importance-sampling corrections, entropy
+   and off-policy masks, KL): the layers of TRL's ``compute_loss`` are captured and each pair's score
+   is a per-layer ghost dot product after the micro-batch's backward (no extra pass);
+3. optionally drops pairs chosen by a selection rule (default: every negative pair): after the last
+   micro-batch of the generation batch, before the optimizer step, their gradient contributions are
+   subtracted and the normaliser rescaled to the kept pairs' (gradient surgery). Where that cannot
+   be exact (:func:`~rlattr.callbacks.trl.fused.scoring_plan`: several processes, several optimizer
+   steps per generation batch, bnpo over several micro-batches, entropy mask / bonus) the scores
+   come from a pass through TRL's own loss before the update and the dropped rows are removed from
+   the batch, so every normaliser counts only kept rows and tokens.
 
 Use ``IIFGRPOTrainer(..., args=IIFGRPOConfig(..., attr_target_prompts=[...]))`` (the ``attr_*`` fields
 also parse from the command line with ``TrlParser``), or the shortcut

@@ -99,15 +99,14 @@ class LinearHandler(LayerHandler):
         self.transposed = transposed
 
     def dots(self, rec: LayerRecord, direction: dict[str, Tensor], skip_weight: bool) -> Tensor:
-        a, d = self.features(rec)
-        out = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
+        a, d, row, b = live_tokens(*self.features(rec))
+        per_token = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
         if "weight" in direction and not skip_weight:
             g = _wide(direction["weight"])
-            ga = a @ g if self.transposed else a @ g.T  # [B, T, out]
-            out = out + (ga * d).sum((1, 2))
+            per_token = per_token + ((a @ g if self.transposed else a @ g.T) * d).sum(1)
         if "bias" in direction:
-            out = out + (d.sum(1) @ _wide(direction["bias"]))
-        return out
+            per_token = per_token + d @ _wide(direction["bias"])
+        return torch.zeros(b, device=a.device, dtype=a.dtype).index_add_(0, row, per_token)
 
     def grad_sum(self, rec: LayerRecord, rows: Tensor) -> dict[str, Tensor]:
         a, d = self.features(rec)
@@ -204,6 +203,19 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
         if cls in _HANDLERS:
             return _HANDLERS[cls]
     return None
+
+
+def live_tokens(a: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The tokens whose output gradient is not zero (padding and prompt-only positions drop out).
+
+    ``a``: ``Tensor[B, T, in]``, ``d``: ``Tensor[B, T, out]`` -> ``a``: ``Tensor[L, in]``,
+    ``d``: ``Tensor[L, out]``, ``row``: ``Tensor[L]`` (the record of each token) and B.
+    """
+    b, t = a.shape[0], a.shape[1]
+    flat_d = d.reshape(b * t, -1)
+    idx = torch.nonzero(flat_d.abs().amax(1) > 0).squeeze(1)
+    row = torch.div(idx, t, rounding_mode="floor")
+    return a.reshape(b * t, -1)[idx], flat_d[idx], row, b
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -349,13 +361,12 @@ def build_target(
 
 
 def _ghost_dots(rec: LayerRecord, a2: Tensor, d2: Tensor, chunk: int = 4096) -> Tensor:
-    a, d = rec.handler.features(rec)
-    b, t = a.shape[0], a.shape[1]
-    a, d = a.reshape(b * t, -1), d.reshape(b * t, -1)
-    per_token = torch.cat(
-        [((d[i : i + chunk] @ d2.T) * (a[i : i + chunk] @ a2.T)).sum(1) for i in range(0, b * t, chunk)]
-    )
-    return per_token.view(b, t).sum(1)
+    a, d, row, b = live_tokens(*rec.handler.features(rec))
+    parts = [
+        ((d[i : i + chunk] @ d2.T) * (a[i : i + chunk] @ a2.T)).sum(1) for i in range(0, a.shape[0], chunk)
+    ]
+    per_token = torch.cat(parts) if parts else a.new_zeros(0)
+    return torch.zeros(b, device=a.device, dtype=per_token.dtype).index_add_(0, row, per_token)
 
 
 def record_dots(capture: GhostCapture, records: list[LayerRecord], target: GhostTarget) -> Tensor:
@@ -421,6 +432,7 @@ __all__ = [
     "TARGET_FORMS",
     "build_target",
     "handler_for",
+    "live_tokens",
     "record_dots",
     "register_handler",
     "rows_grad_sum",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def digits(completions: list[str], **kwargs: object) -> list[float]:
 def make(cls: type, tmp_path, attribution: AttributionConfig | None = None, peft=None, **over: object):  # noqa: ANN001, ANN201
     tok = char_tokenizer()
     rloo = issubclass(cls, RLOOTrainer)
-    settings = {
+    settings: dict[str, Any] = {
         "output_dir": str(tmp_path),
         "per_device_train_batch_size": N,
         "num_generations": 4,
