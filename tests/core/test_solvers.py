@@ -100,6 +100,9 @@ def test_cg_on_an_indefinite_hessian_names_the_curvature_and_the_remedies() -> N
     assert "Gauss-Newton" in message and message.startswith("damping: ")
     rayleigh = float(re.search(r"p\^T p = (-?[\d.e+-]+) along", message).group(1))  # type: ignore[union-attr]
     assert low + 1e-3 - 1e-9 <= rayleigh <= 0  # a Rayleigh quotient of H + 1e-3 I: at least its lowest eig
+    bound = float(re.search(r"puts above (-?[\d.e+-]+);", message).group(1))  # type: ignore[union-attr]
+    assert bound == pytest.approx(1e-3 - rayleigh, rel=1e-2)
+    assert 1e-3 <= bound <= -low + 1e-9  # a true lower bound on the l2 + damping CG needs
 
     # remedy 1: damping above |lambda_min| gives the solve of the damped system
     damping = -low + 0.1

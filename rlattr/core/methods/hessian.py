@@ -280,9 +280,10 @@ class CGSolver(HessianSolver):
         raise RlattrError(
             f"damping: conjugate gradient met non-positive curvature: p^T (H + {self.h.shift:g} I) p / "
             f"p^T p = {rayleigh:.3g} along a search direction, so the Hessian plus l2 + damping is not "
-            "positive definite (the Hessian of a non-convex model, e.g. an MLP, is indefinite); pass a "
-            f"damping at least {-rayleigh:.3g} larger, or output= and output_loss= for the positive "
-            "semi-definite Gauss-Newton matrix"
+            "positive definite (the Hessian of a non-convex model, e.g. an MLP, is indefinite); l2 + damping "
+            "must exceed minus the loss Hessian's smallest eigenvalue, which this direction puts above "
+            f"{self.h.shift - rayleigh:.3g}; or pass output= and output_loss= for the positive semi-definite "
+            "Gauss-Newton matrix"
         )
 
 
