@@ -186,11 +186,23 @@ class AttributionLogger(TrainerCallback):
 
     # --- TrainerCallback events --------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        problem = None
         if self._main:
             if self.writer is None:
                 self._open_tensorboard()
             if self.save and self.run_writer is None:
-                self._open_run(args, state.global_step)
+                try:
+                    self._open_run(args, state.global_step)
+                except RunExistsError as err:
+                    problem = str(err)
+        if self._trainer is not None and self._trainer.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [problem]
+            broadcast_object_list(box, from_process=0)  # every process stops, none waits for the others
+            problem = box[0]
+        if problem is not None:
+            raise RunExistsError(problem)
         if self.save and state.global_step > 0:  # resumed from a checkpoint: continue the round numbers
             self._continue_rounds()
 
