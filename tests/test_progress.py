@@ -57,14 +57,16 @@ def test_featurisation_bar_counts_records_and_only_for_long_runs(monkeypatch) ->
         yield lambda n=1, note="": steps.append(n)
 
     monkeypatch.setattr(grads, "progress_bar", recorder)
-    model = torch.nn.Linear(3, 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
     task = Task(model, lambda p, b: torch.func.functional_call(model, p, (b["x"],)).squeeze(1) ** 2)
     x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
     g = grads.per_record_grads(task, {"x": x}, chunk_size=1)  # 40 chunks: a bar (on a terminal)
     assert calls == [("per-record gradients", 40, None)] and steps == [1] * 40
     whole = grads.per_record_grads(task, {"x": x}, chunk_size=40)  # one chunk: never a bar
     assert calls[-1] == ("per-record gradients", 40, False)
-    assert torch.allclose(flat(g), flat(whole))
+    torch.testing.assert_close(flat(g), flat(whole), rtol=1e-5, atol=1e-6)  # chunking changes sum order only
 
 
 def flat(g: dict[str, torch.Tensor]) -> torch.Tensor:
