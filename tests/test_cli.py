@@ -110,3 +110,9 @@ def test_train_a_shipped_config_by_name_from_any_folder(tmp_path, monkeypatch) -
     assert saved["seed"] == 3 and saved["total_timesteps"] == 64 and saved["ppo"]["n_steps"] == 2048
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["seed"] == 3 and info["rounds_scored"] == 1  # 64 steps: one rollout of n_steps
+
+
+def test_version_matches_the_installed_distribution() -> None:
+    import importlib.metadata
+
+    assert rlattr.__version__ == importlib.metadata.version("rlattr")  # pyproject.toml and __init__ agree
