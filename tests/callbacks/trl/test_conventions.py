@@ -66,6 +66,22 @@ def test_trl_parser_sets_the_attribution_fields(tmp_path: Path) -> None:
     rloo = _args(IIFRLOOConfig, tmp_path / "rloo", "--attr_min_keep", "4")
     assert isinstance(_trainer(rloo, IIFRLOOTrainer).attribution, AttributionConfig)
     assert rloo.attribution.selection.min_keep == 4
+    # a YAML --config file sets them too (TRL's own mechanism), the command line overrides it
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("attr_target_prompts: ['0+1=', '2+3=']\nattr_target_every: 5\nattr_drop: false\n")
+    argv = [
+        "--config",
+        str(yaml_file),
+        "--output_dir",
+        str(tmp_path / "y"),
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+    ]
+    (from_yaml,) = TrlParser((IIFGRPOConfig,)).parse_args_and_config([*argv, "--attr_target_every", "7"])
+    assert from_yaml.attr_target_prompts == ["0+1=", "2+3="] and from_yaml.attribution.target_every == 7
+    assert from_yaml.attribution.drop is False
     # every attr_* field has a help string on the command line
     help_text = TrlParser((IIFGRPOConfig,)).format_help()
     for name in (
@@ -352,3 +368,16 @@ def test_completion_tables_go_to_wandb_and_trackio_like_trl_s(tmp_path: Path, mo
         and list(frame["end"]) == ["top", "bottom"]
     )
     assert (tmp_path / "completions" / "attr_top_bottom_00007.parquet").is_file()
+
+
+def test_log_dir_is_the_one_way_to_tensorboard_without_report_to(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "tb"
+    t = _trainer(_args(IIFGRPOConfig, tmp_path / "out", "--attr_log_dir", str(logs), "--max_steps", "1"))
+    t.train()
+    acc = EventAccumulator(str(logs)).Reload()
+    assert (
+        acc.Tags()["histograms"] == ["attr/score_hist"] and acc.Tags()["scalars"] == []
+    )  # scalars: TRL's logs
+    assert [e.step for e in acc.Histograms("attr/score_hist")] == [1]
