@@ -1,9 +1,11 @@
 """``rlattr report RUN``: PNG plots and an index.html from a run's snapshots.
 
-Sections: per-round summary curves (positive fraction, mean, std, seconds, disk), the score
-distribution of every round, score against advantage for the last round, the top and bottom
-records of recent rounds, and behaviour formation (when the run has probes): for each probed
-(state, action), log pi(a|s) at theta(k) and the net influence of each round's records on it.
+Sections: how to read the page and the run itself (seed, settings, config; see
+:mod:`rlattr.reporting.run_sections`), per-round summary curves (the mean episode return SB3 logged,
+positive fraction, mean, std, seconds), the score distribution of every round, score against
+advantage for the last round, behaviour formation (when the run has probes): for each probed
+(state, action), log pi(a|s) at theta(k) and the net influence of each round's records on it, an IIF
+section for runs made by IIFCallback, and the top and bottom records of recent rounds.
 """
 
 from __future__ import annotations
