@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from iif_envs import METHODS, OPTIMIZERS, run_one  # noqa: E402
 
-from rlattr.core.store import save_json  # noqa: E402
+from rlattr.core.store import atomic_write_bytes, save_json  # noqa: E402
 from rlattr.eval.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
 from rlattr.provenance import provenance  # noqa: E402
 
@@ -194,7 +194,7 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
     results["provenance"] = provenance()
     save_json(out / "results.json", results)
     plot_curves(runs, out / "curves.png", cfg)
-    (out / "table.md").write_text(markdown_table([results]))
+    atomic_write_bytes(out / "table.md", markdown_table([results]).encode())
     return results
 
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.table is not None and collected:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(markdown_table(collected))
+        atomic_write_bytes(args.table, markdown_table(collected).encode())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallba
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer  # noqa: E402
-from rlattr.core.store import save_json  # noqa: E402
+from rlattr.core.store import atomic_write_bytes, save_json  # noqa: E402
 from rlattr.eval.efficiency import efficiency  # noqa: E402
 from rlattr.provenance import provenance  # noqa: E402
 from rlattr.rl.filtering import make_rule  # noqa: E402
@@ -276,7 +276,7 @@ def write_report(result: dict, args: argparse.Namespace) -> None:
         cells = [f"{stats[a][k][0]:.3g} +- {stats[a][k][1]:.2g}" if k in stats[a] else "" for a in ARMS]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    (doc_dir / "rlhf_table.md").write_text(table + "\n")
+    atomic_write_bytes(doc_dir / "rlhf_table.md", (table + "\n").encode())
     print(table)
 
 

@@ -42,7 +42,7 @@ from rlattr.core.methods import (
     RescaledInfluence,
     TracIn,
 )
-from rlattr.core.store import load_json, save_json
+from rlattr.core.store import atomic_write_bytes, load_json, save_json
 from rlattr.eval.groundtruth import leave_one_out, subset_masks, subset_retraining
 from rlattr.eval.metrics import lds, loo_correlation
 from rlattr.provenance import provenance
@@ -335,7 +335,7 @@ def write_doc(cfg: BenchConfig, results: dict[str, Any], meta: dict[str, Any]) -
     if BEGIN not in old or END not in old:
         old = old.rstrip() + f"\n\n{BEGIN}\n{END}\n"
     head, rest = old.split(BEGIN, 1)
-    doc.write_text(head + block + rest.split(END, 1)[1])
+    atomic_write_bytes(doc, (head + block + rest.split(END, 1)[1]).encode())
 
 
 def plot(cfg: BenchConfig, results: dict[str, Any]) -> None:
