@@ -139,7 +139,8 @@ class IIFCallback(InfluenceCallback):
         min_keep: never keep fewer records than this (default: the model's ``batch_size``, one
             minibatch); when the rule would, the best-scored ``min_keep`` are kept.
         seed: seed of the ``random`` rule's own generator (the global RNG is never touched).
-        rule_kwargs: arguments of the other named rules (``q``, ``t``, ``k``).
+        rule_kwargs: arguments of the other named rules (``q``, ``t``, ``k``) and ``like``, the rule
+            a ``"random"`` drop shadows; every rule comes from :func:`rlattr.rl.filtering.make_rule`.
         save_dropped: write each round's dropped ids to ``<run_dir>/rlattr/iif/round_XXXXX.json``
             when the callback has a run folder.
         **influence_kwargs: passed to :class:`~rlattr.callbacks.sb3.InfluenceCallback`
