@@ -13,7 +13,8 @@ Arms, on the same pretrained weights, seeds, prompt order and sampling streams (
 held-out completions on an RNG stream of its own): ``grpo`` (plain ``GRPOTrainer``), ``iif_p1`` /
 ``iif_p0.5`` / ``iif_p0.25`` (``IIFGRPOTrainer`` dropping that fraction of the negative pairs),
 ``random_p1`` (as many pairs as IIF p=1 would drop, at random) and ``iif_p1_small`` (f_seq over
-``--small-target`` prompts only: the ablation). Every arm-seed run is written as JSON into ``--out``
+``--small-target`` prompts only: the ablation); for ``corrupt``, ``grpo_clean`` (plain GRPO with the
+correct reward on every prompt: what the corruption costs). Every arm-seed run is written as JSON into ``--out``
 as soon as it finishes (existing ones are skipped, so a stopped study resumes);
 ``rlhf_detox_report.py`` turns them into the tables of docs/results/rlhf.md.
 
@@ -61,7 +62,7 @@ from rlattr.testing.tiny_lm import (
     tiny_gpt2,
 )  # noqa: E402
 
-ARMS = ("grpo", "iif_p1", "random_p1", "iif_p0.5", "iif_p0.25", "iif_p1_small")
+ARMS = ("grpo", "iif_p1", "random_p1", "iif_p0.5", "iif_p0.25", "iif_p1_small", "grpo_clean")
 SCENARIOS = ("detox", "corrupt")
 MODEL: dict[str, Any] = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 16}
 
@@ -198,8 +199,9 @@ class Recorder:
     (and once more for the hook's held-out batch, whose rows carry ``split == "target"``).
     """
 
-    def __init__(self, scn: Scenario) -> None:
+    def __init__(self, scn: Scenario, *, all_trusted: bool = False) -> None:
         self.scn = scn
+        self.all_trusted = all_trusted  # the grpo_clean reference arm: the trusted reward on every prompt
         self.labels: list[list[bool]] = []
         self.success: list[float] = []
         self.__name__ = f"{scn.name}_reward"
@@ -212,7 +214,7 @@ class Recorder:
             pairs = list(zip(prompts, completions, strict=True))
             self.labels.append([bool(self.scn.label(p, c)) for p, c in pairs])
             self.success.append(float(np.mean([self.scn.success(p, c) for p, c in pairs])))
-        return self.scn.reward(prompts, completions, trusted)
+        return self.scn.reward(prompts, completions, trusted or self.all_trusted)
 
 
 def arm_rule(arm: str, seed: int) -> tuple[Any, bool]:
@@ -265,7 +267,7 @@ def run_arm(scn: Scenario, arm: str, seed: int, args: argparse.Namespace) -> dic
         disable_dropout=True,
         disable_tqdm=True,
     )
-    rec = Recorder(scn)
+    rec = Recorder(scn, all_trusted=arm == "grpo_clean")
     data = Dataset.from_dict({"prompt": scn.train, "split": ["train"] * len(scn.train)})
     kw = {
         "model": model,
@@ -274,7 +276,7 @@ def run_arm(scn: Scenario, arm: str, seed: int, args: argparse.Namespace) -> dic
         "processing_class": scn.tok,
         "train_dataset": data,
     }
-    if arm == "grpo":
+    if arm in ("grpo", "grpo_clean"):
         trainer: Any = GRPOTrainer(**kw)
     else:
         rule, small = arm_rule(arm, seed)

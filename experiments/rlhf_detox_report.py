@@ -24,7 +24,7 @@ import numpy as np
 from rlattr.core.store import atomic_write_bytes, save_json
 from rlattr.eval.efficiency import efficiency, rounds_to_reach, trailing_mean
 
-ARM_ORDER = ("grpo", "iif_p1", "random_p1", "iif_p0.5", "iif_p0.25", "iif_p1_small")
+ARM_ORDER = ("grpo", "iif_p1", "random_p1", "iif_p0.5", "iif_p0.25", "iif_p1_small", "grpo_clean")
 
 
 def load(out: Path, scenario: str) -> tuple[dict[str, Any], dict[str, dict[int, dict[str, Any]]]]:
@@ -107,10 +107,18 @@ def scenario_tables(out: Path, scenario: str, window: int) -> tuple[str, dict[st
         for a in arms:
             v = np.array([s[k] for s in stats[a].values() if k in s], float)
             skip = a == "grpo" and ("vs GRPO" in k or "GRPO's own" in k)
-            cells.append("" if skip or v.size == 0 else f"{v.mean():.3g} +- {v.std():.2g}")
+            if skip or v.size == 0:
+                cells.append("")
+            elif not np.isfinite(
+                v
+            ).all():  # efficiency is undefined when GRPO's curve never rises above its start
+                cells.append(f"n/a ({int((~np.isfinite(v)).sum())} of {v.size} seeds undefined)")
+            else:
+                cells.append(f"{v.mean():.3g} +- {v.std():.2g}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     diff_keys = [
         "final true success, held-out (sampled)",
+        "final true success, training prompts (sampled)",
         "true success, last 5 steps (training batch)",
         "steps to GRPO's final level",
     ] + [k for k in keys if k.startswith("final true success, corrupted")]
