@@ -34,8 +34,13 @@ class Recording(IIFGRPOTrainer):
         self.local_scores = [*getattr(self, "local_scores", []), scores.detach().clone()]
         return scores
 
+    def _finish_fused(self, pending):  # noqa: ANN001, ANN202
+        # score-only over several processes stays fused: each rank scored its rows in its own backward
+        self.local_scores = [*getattr(self, "local_scores", []), pending.scores.float().clone()]
+        return super()._finish_fused(pending)
 
-def main(out_dir: str, loss_type: str) -> None:
+
+def main(out_dir: str, loss_type: str, drop: bool = True) -> None:
     torch.set_num_threads(1)
     tok = char_tokenizer()
     args = GRPOConfig(
@@ -54,7 +59,7 @@ def main(out_dir: str, loss_type: str) -> None:
         ddp_backend="gloo",
     )
     data = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
-    cfg = AttributionConfig(["1+2=", "3+1=", "2+2=", "0+3="], p=1.0)
+    cfg = AttributionConfig(["1+2=", "3+1=", "2+2=", "0+3="], p=1.0, drop=drop)
     t = Recording(
         model=tiny_gpt2(tok),
         reward_funcs=digits,
@@ -79,4 +84,8 @@ def main(out_dir: str, loss_type: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "dapo")
+    main(
+        sys.argv[1],
+        sys.argv[2] if len(sys.argv) > 2 else "dapo",
+        sys.argv[3] != "score" if len(sys.argv) > 3 else True,
+    )

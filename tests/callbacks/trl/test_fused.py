@@ -24,7 +24,7 @@ from rlattr.callbacks.trl.trainer import (  # noqa: E402
 )
 from rlattr.errors import RlattrError  # noqa: E402
 from rlattr.rl.filtering import BottomFraction  # noqa: E402
-from tests.callbacks.trl.test_trainer import N, PROMPTS, TARGET, _generate, _grad, make  # noqa: E402
+from tests.callbacks.trl.test_trainer import PROMPTS, TARGET, N, _generate, _grad, make  # noqa: E402
 
 TOKEN_LOSSES = (
     "dapo",

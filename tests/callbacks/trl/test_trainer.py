@@ -201,16 +201,24 @@ def test_dead_rows_for_equal_rank_sizes_add_no_gradient(tmp_path, loss_type: str
 
 
 @pytest.mark.slow
-def test_two_processes_agree_on_scores_and_drops(tmp_path) -> None:  # noqa: ANN001
-    """torchrun, 2 CPU processes (gloo): same gathered scores and keep masks on both ranks, synced weights."""
+@pytest.mark.parametrize("mode", ["iif", "score"])
+def test_two_processes_agree_on_scores_and_drops(tmp_path, mode: str) -> None:  # noqa: ANN001
+    """torchrun, 2 CPU processes (gloo): same gathered scores and keep masks on both ranks, synced weights.
+
+    IIF over several processes scores in a pass before the update; score-only stays fused.
+    """
     import shutil
+    import socket
     import subprocess
     import sys
 
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     script = os.path.join(os.path.dirname(__file__), "ddp_check.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", script, str(tmp_path), "dapo"]
+    with socket.socket() as sock:  # a free port: other test runs on this machine may hold a fixed one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), script, str(tmp_path), "dapo", mode]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["num_processes"] == 2 and len(r0["scores"]) == 2
@@ -220,8 +228,10 @@ def test_two_processes_agree_on_scores_and_drops(tmp_path) -> None:  # noqa: ANN
         l0, l1 = r0["local"][i], r1["local"][i]
         assert torch.equal(s0, s1) and torch.equal(k0, k1) and r0["note"][i] == r1["note"][i]
         assert torch.equal(s0[: l0.numel()], l0) and torch.equal(s0[l0.numel() :], l1)
-        # a negative pair survives only when a rank would otherwise be left with no pair at all
-        assert not (k0 & (s0 < 0)).any() or "steps_per_generation" in r0["note"][i]
+        if mode == "score":
+            assert bool(k0.all()) and bool((s0 != 0).any())
+        else:  # a negative pair survives only when a rank would otherwise be left with no pair at all
+            assert not (k0 & (s0 < 0)).any() or "steps_per_generation" in r0["note"][i]
     assert torch.equal(r0["params"], r1["params"])
 
 
