@@ -147,6 +147,10 @@ def test_transcript_round_trip(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     with pytest.raises(StoreError, match=r"format_version: got 99; supported: up to 1"):
         Transcript.load(path)
+    doc["format_version"], doc["n"], doc["decision"] = 1, "13", "maybe"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"has malformed fields \['n', 'decision'\]"):
+        Transcript.load(path)
     path.write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(StoreError, match="is not an rlattr verification transcript"):
         Transcript.load(path)
@@ -198,3 +202,25 @@ def test_digits_retrain_same_alone_or_in_a_batch() -> None:
     assert float(batch.std()) > 0  # the subsets matter
     with pytest.raises(RlattrError, match=r"mask: got torch.bool \(39,\); supported: a bool Tensor\[40\]"):
         retrain(torch.ones(39, dtype=torch.bool))
+
+
+def test_ppo_round_retrain_is_the_round_rerun_on_the_subset() -> None:
+    from rlattr.callbacks.sb3.policy import SB3PolicyEval, tracked_param_names
+    from rlattr.eval.rl_validity import RoundContext, retrain_subset
+    from rlattr.eval.verify.tasks import ppo_round_retrain
+    from tests.rl.test_replay import DISCRETE, recorded
+
+    model, recorder = recorded(DISCRETE, rounds=1, learning_rate=3e-3)
+    policy = model.policy
+    snap = recorder.snapshots[0]
+    ctx = RoundContext(policy, SB3PolicyEval(policy, with_values=True), SB3PolicyEval(policy),
+                       tracked_param_names(policy), snap)  # fmt: skip
+    retrain = ppo_round_retrain(ctx, seed=4)
+    n = len(snap.records)
+    mask = torch.arange(n) % 3 != 0
+    theta = retrain_subset(policy, ctx.policy_eval, snap, mask, 4)
+    assert retrain(mask) == float(ctx.target_value(theta)[0])
+    assert retrain(mask) == retrain(mask.clone())  # deterministic: spot checks can be exact
+    empty = torch.zeros(n, dtype=torch.bool)
+    assert retrain(empty) == float(ctx.target_value(snap.theta)[0])  # no records: no update
+    assert retrain(mask) != retrain(empty)

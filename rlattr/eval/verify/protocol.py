@@ -226,9 +226,32 @@ class Transcript:
         missing = sorted(names - {"meta"} - set(doc))
         if missing:
             raise StoreError(f"path: {str(path)!r} lacks the fields {missing}")
+        _check_fields(doc, str(path))
         out = cls(**{k: doc[k] for k in names if k in doc})
         out.masks()  # validates the packed queries against n
         return out
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_fields(doc: dict[str, Any], path: str) -> None:
+    """A received transcript is untrusted: type-check what :meth:`Transcript.masks` and readers use."""
+    checks = {
+        "n": isinstance(doc["n"], int) and not isinstance(doc["n"], bool) and doc["n"] >= 1,
+        "queries": isinstance(doc["queries"], list) and all(isinstance(q, str) for q in doc["queries"]),
+        "answers": isinstance(doc["answers"], list) and all(map(_is_number, doc["answers"])),
+        "claim_scores": isinstance(doc["claim_scores"], list) and all(map(_is_number, doc["claim_scores"])),
+        "spot_checked": isinstance(doc["spot_checked"], list)
+        and all(isinstance(j, int) for j in doc["spot_checked"]),
+        "statistics": isinstance(doc["statistics"], dict),
+        "decision": doc["decision"] in ("accept", "reject"),
+        "meta": isinstance(doc.get("meta", {}), dict),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise StoreError(f"path: {path!r} has malformed fields {bad}")
 
 
 class Verifier:
