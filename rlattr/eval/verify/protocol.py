@@ -28,7 +28,7 @@ unbiased for the excess when the answers are right; with the half-width w of a o
 interval at level delta / 2 (:func:`excess_statistics`), an accepted claim has excess <=
 epsilon Var(f) + w, and a claim with excess <= epsilon Var(f) - w is accepted, each with
 probability >= 1 - delta / 2. The normal approximation of U and the plug-in of its variance are
-the simplifications; a bounded-target (Hoeffding-style) bound as in the paper would be looser.
+the simplifications; a finite-sample bound for a bounded target would ask for more queries.
 """
 
 from __future__ import annotations
