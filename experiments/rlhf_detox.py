@@ -14,8 +14,8 @@ held-out completions on an RNG stream of its own): ``grpo`` (plain ``GRPOTrainer
 ``iif_p0.5`` / ``iif_p0.25`` (``IIFGRPOTrainer`` dropping that fraction of the negative pairs),
 ``random_p1`` (as many pairs as IIF p=1 would drop, at random) and ``iif_p1_small`` (f_seq over
 ``--small-target`` prompts only: the ablation); for ``corrupt``, ``grpo_clean`` (plain GRPO with the
-correct reward on every prompt: what the corruption costs). Every arm-seed run is written as JSON into ``--out``
-as soon as it finishes (existing ones are skipped, so a stopped study resumes);
+correct reward on every prompt: what the corruption costs). Every arm-seed run is written as JSON
+into ``--out`` as soon as it finishes (existing ones are skipped, so a stopped study resumes);
 ``rlhf_detox_report.py`` turns them into the tables of docs/results/rlhf.md.
 
 Run: ``python experiments/rlhf_detox.py --scenario detox --arms grpo iif_p1 random_p1 --seeds 0 1 2 3 4``.
