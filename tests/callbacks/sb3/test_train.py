@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -187,3 +188,41 @@ def test_a_full_disk_mid_run_warns_and_training_finishes(tmp_path, monkeypatch) 
     assert sum("snapshots stop here" in m for m in messages) == 1
     assert any("could not update run_info.json" in m for m in messages)
     assert run_dir.parent == tmp_path and (run_dir / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_loses_no_completed_round_and_resumes(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rlattr.callbacks.sb3.train import resume
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "total_timesteps": 32 * 10}))
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "rlattr", "train", str(cfg), "--runs-dir", str(runs), "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120  # a bound on waiting, not a timed assertion
+        while time.monotonic() < deadline and proc.poll() is None:
+            index = list(runs.glob("*/rlattr/rounds.jsonl"))
+            if index and len(index[0].read_bytes().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    (run_dir,) = list(runs.iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn index line is allowed, and skipped
+        run = rlattr.load_run(run_dir)
+        assert len(run.rounds) >= 3 and run.rounds == list(range(len(run.rounds)))
+        for k in run.rounds:  # every round with a scores file reads back whole
+            assert torch.isfinite(run.scores(k).scores).all()
+        if proc.returncode != 0:  # killed before its end (not finished first): continue the run
+            resume(run_dir, progress_bar=False)
+    run = rlattr.load_run(run_dir)
+    assert run.rounds == list(range(10)) and [s["round"] for s in run.summaries] == list(range(10))
