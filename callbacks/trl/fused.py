@@ -255,6 +255,13 @@ def kept_factor(loss_type: str, out: dict[str, Any], keep: Tensor) -> float:
 
 def micro_batch_scores(capture: GhostCapture, records: list[LayerRecord], target: GhostTarget) -> Tensor:
     """``Tensor[B]``: ``-<grad f_seq, grad L_i>`` for the B pairs of one captured backward (positive helps)."""
+    if isinstance(capture, TrlCapture) and capture.head_name and capture.param_names.get(capture.head_name):
+        if not any(r.name == capture.head_name and r.d is not None for r in records):
+            raise RlattrError(
+                f"model: the LM head {capture.head_name!r} is trainable but none of its calls was captured "
+                "(e.g. a wrapper that calls the patched forward directly); supported: a frozen head under "
+                "such wrappers, or a model called through its module"
+            )
     return -record_dots(capture, records, target) + 0.0
 
 
