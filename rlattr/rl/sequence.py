@@ -1,5 +1,7 @@
 """The RLHF unit of attribution: one prompt-completion pair, under a GRPO / RLOO training loss.
 
+An offline reference: the TRL trainers no longer use it (they score pairs from TRL's own loss
+backward, :mod:`rlattr.callbacks.trl.fused`); it serves attribution of saved batches outside TRL.
 Framework-free (torch only). A :class:`SequenceLossConfig` mirrors the per-token loss of TRL's
 ``GRPOTrainer._compute_loss`` (``loss_type`` grpo, bnpo, dr_grpo, dapo, cispo, luspo) and the
 per-sequence loss of ``RLOOTrainer._compute_loss`` (``"rloo"``); :func:`pair_scales` reproduces each
