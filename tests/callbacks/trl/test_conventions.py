@@ -79,11 +79,13 @@ def test_trl_parser_sets_the_attribution_fields(tmp_path: Path) -> None:
         "--bf16",
         "false",
     ]
-    (from_yaml,) = TrlParser((IIFGRPOConfig,)).parse_args_and_config([*argv, "--attr_target_every", "7"])
+    # trl's DataClassType alias does not admit a tuple of config classes, which TrlParser accepts
+    parser = TrlParser((IIFGRPOConfig,))  # type: ignore[arg-type]
+    (from_yaml,) = parser.parse_args_and_config([*argv, "--attr_target_every", "7"])
     assert from_yaml.attr_target_prompts == ["0+1=", "2+3="] and from_yaml.attribution.target_every == 7
     assert from_yaml.attribution.drop is False
     # every attr_* field has a help string on the command line
-    help_text = TrlParser((IIFGRPOConfig,)).format_help()
+    help_text = parser.format_help()
     for name in (
         "attr_target_prompts",
         "attr_drop",
@@ -105,8 +107,12 @@ def test_bad_attribution_settings_are_refused(tmp_path: Path) -> None:
         AttributionConfig(TARGET, drop="no")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="attr_drop: got 0; supported: True or False"):
         IIFGRPOConfig(
-            output_dir=str(tmp_path), use_cpu=True, bf16=False, attr_target_prompts=TARGET, attr_drop=0
-        )  # type: ignore[arg-type]
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            bf16=False,
+            attr_target_prompts=TARGET,
+            attr_drop=0,  # type: ignore[arg-type]
+        )
     with pytest.raises(RlattrError, match="target_every: got 0; supported: an int >= 1"):
         AttributionConfig(TARGET, target_every=0)
     args = _args(IIFGRPOConfig, tmp_path)
