@@ -125,6 +125,41 @@ class NegBottom(SelectionRule):
         return {**super().config(), "p": self.p}
 
 
+class AdaptiveNegBottom(SelectionRule):
+    """Adaptive drop size: drop the fewest most-negative records that carry a fraction ``f`` of the
+    predicted first-order gain of dropping every negative one.
+
+    Dropping a record changes the target by about minus its score (first order), so dropping all
+    negatives is predicted to raise it by ``G = -sum(scores[scores < 0])``. With the negatives sorted
+    ascending, ``m`` is the smallest count whose prefix sum is ``<= f * sum(negatives)``; those ``m``
+    are dropped and ``threshold = sorted(scores)[m]``. A round with a few large negatives drops few
+    records, a round of many small ones drops many. ``f = 0`` keeps every record, ``f = 1`` drops every
+    negative; a round without negatives keeps everything.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, f: float, *, min_keep: int = 1) -> None:
+        super().__init__(min_keep=min_keep)
+        self.f = _fraction("f", f)
+
+    def _keep(self, scores: Tensor) -> tuple[Tensor, float]:
+        ordered = torch.sort(scores).values
+        negatives = ordered[ordered < 0]
+        if negatives.numel() == 0 or self.f == 0.0:
+            return torch.ones_like(scores, dtype=torch.bool), math.nan
+        gain = -torch.cumsum(negatives, 0)  # predicted gain of dropping the m most negative, m = 1..
+        goal = self.f * float(gain[-1]) * (1 - 1e-12)  # the tolerance keeps f = 1 from missing by rounding
+        m = min(int((gain < goal).sum()) + 1, negatives.numel())
+        if m >= scores.numel():
+            return torch.zeros_like(scores, dtype=torch.bool), math.inf
+        threshold = float(ordered[m])
+        return scores >= threshold, threshold
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "f": self.f}
+
+
 class BottomFraction(SelectionRule):
     """Drop the ``q`` fraction of records with the lowest scores, whatever their sign."""
 
@@ -219,7 +254,7 @@ class RandomDrop(SelectionRule):
 
 
 RULES: dict[str, type[SelectionRule]] = {
-    cls.name: cls for cls in (NegBottom, BottomFraction, Threshold, TopK, RandomDrop)
+    cls.name: cls for cls in (NegBottom, AdaptiveNegBottom, BottomFraction, Threshold, TopK, RandomDrop)
 }
 
 
@@ -227,6 +262,7 @@ RULES: dict[str, type[SelectionRule]] = {
 # shadows one of them
 RULE_PARAMETER: dict[str, tuple[str, Callable[[Any, int], SelectionRule]]] = {
     NegBottom.name: ("p", lambda value, min_keep: NegBottom(value, min_keep=min_keep)),
+    AdaptiveNegBottom.name: ("f", lambda value, min_keep: AdaptiveNegBottom(value, min_keep=min_keep)),
     BottomFraction.name: ("q", lambda value, min_keep: BottomFraction(value, min_keep=min_keep)),
     Threshold.name: ("t", lambda value, min_keep: Threshold(value, min_keep=min_keep)),
     TopK.name: ("k", lambda value, min_keep: TopK(value, min_keep=min_keep)),
@@ -240,13 +276,15 @@ def make_rule(
     q: float | None = None,
     t: float | None = None,
     k: int | None = None,
+    f: float | None = None,
     seed: int = 0,
     min_keep: int = 1,
     like: str = NegBottom.name,
 ) -> SelectionRule:
     """Build a selection rule from arguments; the one factory both adapters call.
 
-    ``drop`` names the rule and takes its one parameter: ``"neg-bottom"`` p, ``"bottom-fraction"`` q,
+    ``drop`` names the rule and takes its one parameter: ``"neg-bottom"`` p, ``"adaptive"`` f (the
+    fraction of the predicted first-order gain to drop), ``"bottom-fraction"`` q,
     ``"threshold"`` t, ``"top-k"`` k. ``"random"`` is a :class:`RandomDrop` that drops as many
     records as the rule ``like`` (default ``"neg-bottom"``) built from the same parameter would,
     from its own generator seeded with ``seed``: ``make_rule("random", p=0.5, seed=0)``.
@@ -257,7 +295,8 @@ def make_rule(
     base = like if drop == RandomDrop.name else drop
     if base not in RULE_PARAMETER:
         raise RlattrError(f"like: got {like!r}; supported: {sorted(RULE_PARAMETER)}")
-    given = {name: value for name, value in (("p", p), ("q", q), ("t", t), ("k", k)) if value is not None}
+    pairs = (("p", p), ("q", q), ("t", t), ("k", k), ("f", f))
+    given = {name: value for name, value in pairs if value is not None}
     wanted, build = RULE_PARAMETER[base]
     for name in sorted(set(given) - {wanted}):
         raise RlattrError(f"{name}: got {given[name]!r}; drop={drop!r} takes only {wanted}")

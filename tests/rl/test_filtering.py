@@ -118,7 +118,7 @@ def test_make_rule_matches_the_rule_built_directly(args: dict[str, Any], direct:
     [
         (
             lambda: make_rule("nope"),
-            r"drop: got 'nope'; supported: \['bottom-fraction', 'neg-bottom', 'random', 'threshold', 'top-k'\]",
+            r"drop: got 'nope'; supported: \['adaptive', 'bottom-fraction', 'neg-bottom', 'random', 'threshold', 'top-k'\]",
         ),
         (lambda: make_rule("neg-bottom"), r"^p: got None; drop='neg-bottom' needs it$"),
         (lambda: make_rule("top-k", k=3, p=0.5), r"^p: got 0.5; drop='top-k' takes only k$"),
@@ -133,3 +133,50 @@ def test_make_rule_matches_the_rule_built_directly(args: dict[str, Any], direct:
 def test_bad_input_is_named(build: Callable[[], object], match: str) -> None:
     with pytest.raises(RlattrError, match=match):
         build()
+
+
+def _adaptive_by_hand(scores: list[float], f: float) -> tuple[list[bool], float]:
+    """The adaptive rule written out: add the most negative scores one by one until their sum
+    reaches f times the sum of all negatives; those are dropped."""
+    negatives = sorted(s for s in scores if s < 0)
+    goal, total, m = f * sum(negatives), 0.0, 0
+    while m < len(negatives) and not (m > 0 and total <= goal):
+        total += negatives[m]
+        m += 1
+    if f == 0 or not negatives:
+        return [True] * len(scores), math.nan
+    threshold = sorted(scores)[m]
+    return [s >= threshold for s in scores], threshold
+
+
+@pytest.mark.parametrize("f", [0.0, 0.2, 1 / 3, 0.5, 0.9, 1.0])
+def test_adaptive_drops_the_fewest_negatives_reaching_the_gain_fraction(f: float) -> None:
+    # negatives -5 -4 -3 -2 -1 -0.5: sum -15.5; the prefix sums are -5 -9 -12 -14 -15 -15.5
+    result = make_rule("adaptive", f=f)(torch.tensor(SCORES))
+    keep, threshold = _adaptive_by_hand(SCORES, f)
+    assert result.keep.tolist() == keep
+    assert result.threshold == threshold or (math.isnan(threshold) and math.isnan(result.threshold))
+
+
+def test_adaptive_hand_computed_thresholds() -> None:
+    scores = torch.tensor(SCORES)
+    # f = 0.5: goal -7.75; -5 does not reach it, -5 - 4 = -9 does: drop 2, threshold = -3
+    half = make_rule("adaptive", f=0.5)(scores)
+    assert (half.n_dropped, half.threshold) == (2, -3.0)
+    # f = 0.9: goal -13.95; four negatives sum to -14: drop 4, threshold = -1
+    assert make_rule("adaptive", f=0.9)(scores).n_dropped == 4
+    # one large negative carries most of the gain: drop it alone where neg-bottom 0.5 drops 3
+    skewed = torch.tensor([1.0, -10.0, -0.1, -0.2, -0.3, -0.4, -0.5, 2.0])
+    assert make_rule("adaptive", f=0.5)(skewed).n_dropped == 1
+    assert NegBottom(0.5)(skewed).n_dropped == 3
+    assert make_rule("adaptive", f=1.0)(torch.tensor([1.0, 2.0])).keep.all()  # no negatives: keep all
+
+
+def test_adaptive_arguments_and_random_shadow() -> None:
+    with pytest.raises(RlattrError, match=r"f: must be a fraction in \[0, 1\], got 1.5"):
+        make_rule("adaptive", f=1.5)
+    with pytest.raises(RlattrError, match="p: got 0.5; drop='adaptive' takes only f"):
+        make_rule("adaptive", f=0.5, p=0.5)
+    shadow = make_rule("random", f=0.5, like="adaptive", seed=3)(torch.tensor(SCORES))
+    assert shadow.n_dropped == 2
+    assert make_rule("adaptive", f=0.5).config() == {"rule": "adaptive", "min_keep": 1, "f": 0.5}
