@@ -7,6 +7,7 @@ from rlattr.core.methods.similarity import GradCos, GradDot
 from rlattr.core.methods.solvers import STRATEGIES, Solver
 from rlattr.core.methods.tracin import TracIn
 from rlattr.core.methods.trak import TRAK
+from rlattr.core.methods.unlearning import Unlearning
 from rlattr.core.methods.weighting import LearnedWeights
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Solver",
     "TRAK",
     "TracIn",
+    "Unlearning",
     "query_grads",
     "self_influence",
 ]
