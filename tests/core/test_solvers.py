@@ -27,12 +27,13 @@ def lr() -> Problem:
 
 
 def test_table_names_and_options() -> None:
-    assert sorted(STRATEGIES) == ["cg", "ekfac", "explicit", "lissa"]
+    assert sorted(STRATEGIES) == ["arnoldi", "cg", "ekfac", "explicit", "lissa"]
     assert strategy_options("explicit") == ["block", "rtol"]
     assert strategy_options("cg") == ["max_iter", "tol"]
     assert strategy_options("lissa") == ["depth", "scale", "batch_size", "repeats", "seed"]
     assert strategy_options("ekfac") == ["fisher_loss"]  # chunk_size comes from the spec
-    assert [s for s, c in STRATEGIES.items() if c.gauss_newton] == ["explicit", "cg", "lissa"]
+    assert strategy_options("arnoldi") == ["rank", "iterations", "seed", "rtol"]
+    assert [s for s, c in STRATEGIES.items() if c.gauss_newton] == ["explicit", "cg", "lissa", "arnoldi"]
 
 
 @pytest.mark.parametrize(
@@ -67,8 +68,8 @@ def test_ekfac_refuses_a_gauss_newton_curvature_it_would_ignore(lr: Problem) -> 
 
 
 def test_unknown_strategy_and_options_are_refused_at_construction(lr: Problem) -> None:
-    with pytest.raises(RlattrError, match=r"strategy: got 'arnoldi'; supported: \['cg', 'ekfac', 'explicit'"):
-        InfluenceFunction(lr.task, strategy="arnoldi")
+    with pytest.raises(RlattrError, match=r"strategy: got 'newton'; supported: \['arnoldi', 'cg', 'ekfac'"):
+        InfluenceFunction(lr.task, strategy="newton")
     with pytest.raises(
         RlattrError, match=r"options: got \['depth'\] for strategy 'cg'; supported: \['max_iter'"
     ):

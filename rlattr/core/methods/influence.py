@@ -11,6 +11,8 @@ however many training records), by one of the strategies of :data:`STRATEGIES`:
 * ``"cg"``: conjugate gradient with Hessian-vector products; options ``max_iter``, ``tol``.
 * ``"lissa"``: LiSSA recursion; options ``depth``, ``scale``, ``batch_size``, ``repeats``, ``seed``.
 * ``"ekfac"``: EK-FAC for Linear / Conv2d layers; option ``fisher_loss`` (refuses ``output``).
+* ``"arnoldi"``: the inverse on H's top-``rank`` eigenspace found by Arnoldi iteration (Schioppa et
+  al.); options ``rank``, ``iterations``, ``seed``, ``rtol``.
 
 The table and the :class:`~rlattr.core.methods.solvers.Solver` protocol live in
 :mod:`rlattr.core.methods.solvers`.
@@ -38,12 +40,12 @@ class InfluenceFunction(Attributor):
         task: the Task; its loss gives ``g_i`` and the Hessian, its target (or its loss on the
             query records) gives ``g_q``.
         strategy: a key of :data:`~rlattr.core.methods.solvers.STRATEGIES`: ``"explicit"``,
-            ``"cg"``, ``"lissa"`` or ``"ekfac"``.
+            ``"cg"``, ``"lissa"``, ``"ekfac"`` or ``"arnoldi"``.
         l2: the L2 coefficient of the training objective (``(l2 / 2) ||theta||^2``); part of H.
         damping: extra numerical damping added to H's diagonal.
         hessian_data: records to estimate H on (default: the cached training records).
         output, output_loss: ``(params, batch) -> Tensor[n, C]`` and ``(z, batch) -> Tensor[n]``:
-            use the Gauss-Newton matrix instead of the Hessian (explicit, CG, LiSSA; EK-FAC refuses
+            use the Gauss-Newton matrix instead of the Hessian (explicit, CG, LiSSA, Arnoldi; EK-FAC refuses
             them); for networks whose Hessian is indefinite. Equal to the Hessian for GLMs.
         chunk_size: records per vmap chunk.
         **options: the strategy's own options (see the module docstring).

@@ -6,7 +6,7 @@ plus ``shift`` (l2 + damping). :data:`STRATEGIES` maps a strategy name to a solv
 class is built the same way, ``from_spec(spec, **options)`` from one
 :class:`~rlattr.core.methods.hessian.CurvatureSpec`, takes as options the keyword-only arguments of
 its constructor, and says by ``gauss_newton`` whether it honours the spec's ``output`` /
-``output_loss``. A new strategy (Arnoldi, say) is one class and one row of the table.
+``output_loss``. A new strategy is one class and one row of the table (as ``"arnoldi"`` was).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 
 from torch import Tensor
 
+from rlattr.core.methods.arnoldi import ArnoldiSolver
 from rlattr.core.methods.ekfac import EKFACSolver
 from rlattr.core.methods.hessian import CGSolver, CurvatureSpec, ExplicitSolver, LiSSASolver
 from rlattr.errors import RlattrError
@@ -47,6 +48,7 @@ STRATEGIES: dict[str, SolverClass] = {
     "cg": CGSolver,
     "lissa": LiSSASolver,
     "ekfac": EKFACSolver,
+    "arnoldi": ArnoldiSolver,
 }
 
 _FROM_SPEC = frozenset(f.name for f in fields(CurvatureSpec))  # set by the spec, never an option
