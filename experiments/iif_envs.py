@@ -1,8 +1,11 @@
 """Environments, models and per-round evaluation for the IIF sample-efficiency study.
 
 Used by ``experiments/iif_sample_efficiency.py``; one (method, seed) run is :func:`run_one`.
-Methods: ``ppo`` (standard SB3 PPO), ``iif`` (IIFCallback, neg-bottom p) and ``random``
-(IIFCallback with a random drop of as many records as neg-bottom would drop).
+Methods: ``ppo`` (standard SB3 PPO), ``iif`` (IIFCallback, neg-bottom p), ``random``
+(IIFCallback with a random drop of as many records as neg-bottom would drop), and the variants
+beyond the paper: ``iif-val`` (neg-bottom p scored against ``iif.validation_steps`` fresh
+transitions from a separate env, ``score_on="validation"``), ``iif-adaptive`` (``drop="adaptive"``
+with ``iif.f``, default 0.5) and ``iif-epoch`` (neg-bottom p, re-scored at every epoch).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from rlattr.callbacks.sb3.iif import IIFCallback
 
-METHODS = ("ppo", "iif", "random")
+METHODS = ("ppo", "iif", "random", "iif-val", "iif-adaptive", "iif-epoch")
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
@@ -207,6 +210,26 @@ def rollout_curve(rollout: list[float]) -> list[float]:
     return values.tolist()
 
 
+def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
+    """The IIFCallback of one study arm."""
+    settings = cfg["iif"]
+    kwargs: dict[str, Any] = dict(settings.get("callback", {}))
+    p = float(settings["p"])
+    if method == "random":
+        return IIFCallback(drop="random", p=p, seed=seed, **kwargs)
+    if method == "iif-adaptive":
+        return IIFCallback(drop="adaptive", rule_kwargs={"f": float(settings.get("f", 0.5))}, **kwargs)
+    if method == "iif-val":
+        # a separate env, seeded apart from training, whose transitions are never trained on
+        val_env = DummyVecEnv([env_factory(cfg)])
+        val_env.seed(seed + 1_000_003)
+        steps = int(settings.get("validation_steps", 256))
+        kwargs.update(score_on="validation", validation_env=val_env, validation_steps=steps)
+    if method == "iif-epoch":
+        kwargs["rescore"] = "epoch"
+    return IIFCallback(drop="neg-bottom", p=p, seed=seed, **kwargs)
+
+
 def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     """Train one (method, seed) run for ``cfg["rounds"]`` rounds; returns its curves and timings."""
     if method not in METHODS:
@@ -219,8 +242,7 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     callbacks: list[BaseCallback] = [curves]
     iif = None
     if method != "ppo":
-        drop = "neg-bottom" if method == "iif" else "random"
-        iif = IIFCallback(drop=drop, p=float(cfg["iif"]["p"]), seed=seed, **cfg["iif"].get("callback", {}))
+        iif = _iif_callback(cfg, method, seed)
         callbacks.insert(0, iif)
     total = int(cfg["rounds"]) * model.n_steps * model.n_envs
     model.learn(total, callback=CallbackList(callbacks))

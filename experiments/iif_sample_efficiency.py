@@ -249,9 +249,7 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
     ]
     for res in all_results:
         paper = " / ".join(PAPER.get(res["env_id"], ("-", "-", "-")))
-        rows = [
-            (m, k) for m in ("iif", "random") for k in ("efficiency_vs_ppo", "efficiency_vs_ppo_smoothed")
-        ]
+        rows = [(m, k) for m in METHODS[1:] for k in ("efficiency_vs_ppo", "efficiency_vs_ppo_smoothed")]
         for method, key in rows:
             entry = res["methods"].get(method)
             if entry is None or key not in entry:

@@ -26,19 +26,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 
 from rlattr.callbacks.sb3.influence import InfluenceCallback
 from rlattr.errors import RlattrError
-from rlattr.rl.attribution import RoundScores
+from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
 from rlattr.rl.filtering import FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
 from rlattr.rl.records import RecordBatch
+from rlattr.rl.targets import ReturnTarget
 
 # Arrays that ``RolloutBuffer.get`` flattens env-major (``swap_and_flatten``) on first use.
 _FLATTENED_BY_GET = ("observations", "actions", "values", "log_probs", "advantages", "returns")
 _SCALAR_PER_RECORD = ("values", "log_probs", "advantages", "returns")
 # what rule_kwargs may hold: the other rules' parameters, and the rule a "random" drop shadows
-RULE_KWARGS = ("k", "like", "q", "t")
+RULE_KWARGS = ("f", "k", "like", "q", "t")
+SCORE_ON = ("buffer", "validation")
+RESCORE = ("round", "epoch")
 
 
 @dataclass(frozen=True)
@@ -133,13 +137,23 @@ class IIFCallback(InfluenceCallback):
         drop: the selection rule: ``"neg-bottom"`` (the paper's; drop the most negative ``p``
             fraction of the negative records), ``"random"`` (the baseline: drop as many records as
             ``neg-bottom`` with this ``p`` would, chosen at random), ``"bottom-fraction"``,
-            ``"threshold"``, ``"top-k"``, or a :class:`~rlattr.rl.filtering.SelectionRule`.
+            ``"threshold"``, ``"top-k"``, ``"adaptive"`` (drop the fewest most-negative records that
+            carry the fraction ``rule_kwargs["f"]`` of the predicted first-order gain), or a
+            :class:`~rlattr.rl.filtering.SelectionRule`.
         p: the fraction for ``neg-bottom`` and ``random`` (paper: 0.5 FrozenLake/Acrobot/Highway,
             0.125 MiniGrid/LunarLander, 0.0625 BipedalWalker).
         min_keep: never keep fewer records than this (default: the model's ``batch_size``, one
             minibatch); when the rule would, the best-scored ``min_keep`` are kept.
         seed: seed of the ``random`` rule's own generator (the global RNG is never touched).
-        rule_kwargs: arguments of the other named rules (``q``, ``t``, ``k``) and ``like``, the rule
+        score_on: ``"buffer"`` (the paper's: the return target over the round's own records) or
+            ``"validation"`` (the return target over ``validation_steps`` fresh transitions per env
+            from ``validation_env``, collected at theta(k) and never trained on, so the filter does
+            not select on the data that defines its target).
+        rescore: ``"round"`` (the paper's: score once, at theta(k)) or ``"epoch"``: at the start of
+            every epoch after the first, score the still-kept records again at the current
+            parameters (same target data) and drop from the remaining epochs what the rule drops.
+        rule_kwargs: arguments of the other named rules (``f`` of ``"adaptive"``, ``q``, ``t``, ``k``)
+            and ``like``, the rule
             a ``"random"`` drop shadows; every rule comes from :func:`rlattr.rl.filtering.make_rule`.
         save_dropped: write each round's dropped ids to ``<run_dir>/rlattr/iif/round_XXXXX.json``
             when the callback has a run folder.
@@ -148,7 +162,13 @@ class IIFCallback(InfluenceCallback):
 
     Attributes:
         filter_history: one dict per filtered round: round, n_records, n_kept, kept_fraction,
-            threshold, note, dropped_ids (``[[round, step, env], ...]``).
+            threshold, note, dropped_ids (``[[round, step, env], ...]``); with ``rescore="epoch"``
+            also epoch_drops: per later epoch, the ids dropped at its start.
+
+    ``rescore="epoch"`` hooks into SB3's unmodified ``train()``, which calls
+    ``rollout_buffer.get(batch_size)`` once per epoch: for the round, the buffer instance gets a
+    ``get`` that re-scores and compacts before handing over to the class's own ``get``; the
+    instance attribute is removed again when the buffer is restored.
     """
 
     def __init__(
@@ -160,8 +180,18 @@ class IIFCallback(InfluenceCallback):
         seed: int = 0,
         rule_kwargs: dict[str, Any] | None = None,
         save_dropped: bool = True,
+        score_on: str = "buffer",
+        rescore: str = "round",
         **influence_kwargs: Any,
     ) -> None:
+        if score_on not in SCORE_ON:
+            raise RlattrError(f"score_on: got {score_on!r}; supported: {list(SCORE_ON)}")
+        if rescore not in RESCORE:
+            raise RlattrError(f"rescore: got {rescore!r}; supported: {list(RESCORE)}")
+        if score_on == "validation":
+            if "target" in influence_kwargs:
+                raise RlattrError("target: score_on='validation' sets the return target itself; give one")
+            influence_kwargs["target"] = ReturnTarget(source="validation")
         influence_kwargs.setdefault("target", "return")
         influence_kwargs.setdefault("snapshot_every", 10)
         super().__init__(**influence_kwargs)
@@ -183,8 +213,12 @@ class IIFCallback(InfluenceCallback):
         # batch_size as min_keep in _init_callback when min_keep is None
         self.rule: SelectionRule = drop if isinstance(drop, SelectionRule) else self._make_rule(min_keep or 1)
         self._rule_pending = not isinstance(drop, SelectionRule) and min_keep is None
+        self.score_on, self.rescore = score_on, rescore
         self.filter_history: list[dict[str, Any]] = []
         self._original_shape: BufferShape | None = None
+        self._kept_pos: torch.Tensor | None = None  # record position of each row of the compacted buffer
+        self._epochs_seen = 0
+        self._hooked, self._instance_get = False, None
 
     def _make_rule(self, min_keep: int) -> SelectionRule:
         """The rule named by ``drop``, from :func:`rlattr.rl.filtering.make_rule`; ``p`` goes to neg-bottom."""
@@ -208,7 +242,12 @@ class IIFCallback(InfluenceCallback):
             self._original_shape = BufferShape(buf.buffer_size, buf.n_envs)
 
     def _settings(self) -> dict[str, Any]:
-        return {**super()._settings(), "iif_rule": self.rule.config()}
+        return {
+            **super()._settings(),
+            "iif_rule": self.rule.config(),
+            "score_on": self.score_on,
+            "rescore": self.rescore,
+        }
 
     # ----------------------------------------------------------------- hooks
     def _on_round_scored(self, records: RecordBatch, scores: RoundScores) -> None:
@@ -224,6 +263,63 @@ class IIFCallback(InfluenceCallback):
         if not bool(result.keep.all()):
             self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
         self._log_filter(records, result)
+        if self.rescore == "epoch":
+            self._kept_pos = torch.nonzero(result.keep).flatten()
+            self._epochs_seen = 0
+            self._hook_get()
+
+    # ----------------------------------------------------------------- re-scoring per epoch
+    def _hook_get(self) -> None:
+        buf = self.model.rollout_buffer
+        self._unhook_get()
+        # a get another callback put on the instance (e.g. a test's spy) is wrapped, and put back later
+        self._instance_get = vars(buf).get("get")
+        inner = buf.get
+
+        def get(batch_size: int | None = None):  # type: ignore[no-untyped-def]
+            if self._epochs_seen > 0:
+                self._rescore_epoch()
+            self._epochs_seen += 1
+            return inner(batch_size)
+
+        buf.get = get  # type: ignore[method-assign]
+        self._hooked = True
+
+    def _unhook_get(self) -> None:
+        if not self._hooked:
+            return
+        buf = self.model.rollout_buffer
+        if self._instance_get is not None:
+            buf.get = self._instance_get  # type: ignore[method-assign]
+        else:
+            del buf.get
+        self._hooked, self._instance_get = False, None
+
+    def _rescore_epoch(self) -> None:
+        """Score the kept records at the current parameters against the round's target data and
+        compact the buffer again to what the rule keeps of them."""
+        records, pos = self.last_records, self._kept_pos
+        assert records is not None and pos is not None
+        if isinstance(self.target, ReturnTarget) and self.target.source == "buffer":
+            # the target stays the return surrogate of the whole round, now at the current parameters
+            target, validation = ReturnTarget(source="validation"), records
+        else:
+            target, validation = self.target, self.last_validation
+        kept = records.select(pos)
+        spec = RoundSpec(
+            self.model.policy,
+            self.policy_eval,
+            kept,
+            target,
+            self.loss_config(),
+            params=self.param_names,
+            validation=validation,
+        )
+        result = self.rule(score_round(spec, chunk_size=self.chunk_size).scores)
+        self.filter_history[-1].setdefault("epoch_drops", []).append(kept.ids[~result.keep].tolist())
+        if not bool(result.keep.all()):
+            compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
+            self._kept_pos = pos[result.keep]
 
     def _on_rollout_start(self) -> None:
         self._restore()
@@ -233,6 +329,7 @@ class IIFCallback(InfluenceCallback):
         super()._on_training_end()
 
     def _restore(self) -> None:
+        self._unhook_get()
         buf = self.model.rollout_buffer
         shape = self._original_shape
         if shape is not None and (buf.buffer_size, buf.n_envs) != (shape.buffer_size, shape.n_envs):

@@ -186,6 +186,7 @@ class InfluenceCallback(BaseCallback):
         self.n_scored = 0
         self.last_records: RecordBatch | None = None
         self.last_scores: RoundScores | None = None
+        self.last_validation: RecordBatch | None = None  # the round's validation transitions, if any
         self.history: list[dict[str, Any]] = []
         self.run_dir: Path | None = None
         self._writer: Any = None
@@ -363,7 +364,7 @@ class InfluenceCallback(BaseCallback):
             minibatch_of=minibatch_of,
         )
         scores = score_round(spec, by_group=self.by_group, chunk_size=self.chunk_size)
-        self.last_records, self.last_scores = records, scores
+        self.last_records, self.last_scores, self.last_validation = records, scores, validation
         self.last_probe = self._score_probes(records, config) if self.probe_states is not None else {}
         return scores
 

@@ -226,7 +226,7 @@ def test_rules_come_from_the_one_factory() -> None:
 
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(
-        RlattrError, match=r"^drop: got 'worst'; supported: \['bottom-fraction', 'neg-bottom'"
+        RlattrError, match=r"^drop: got 'worst'; supported: \['adaptive', 'bottom-fraction', 'neg-bottom'"
     ):
         IIFCallback(drop="worst")
     with pytest.raises(RlattrError, match=r"^p: must be a fraction in \[0, 1\], got 2.0$"):
