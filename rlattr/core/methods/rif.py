@@ -62,6 +62,27 @@ def record_curvature_factors(
     return jac.detach(), a.detach()
 
 
+def woodbury_removal(
+    solve: Callable[[Tensor], Tensor], grads: Tensor, jac: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(H - J_i^T A_i J_i)^-1 g_i`` for each record i by Woodbury, from solves with H only.
+
+    ``solve`` applies ``H^-1`` to ``Tensor[d, k]``; ``grads: Tensor[b, d]``, ``jac: Tensor[b, C, d]``,
+    ``a: Tensor[b, C, C]`` (already divided by the objective's N). With ``u = H^-1 g`` and
+    ``K = H^-1 J^T``: ``u + K (I - A J K)^-1 A J u`` (A may be singular, as softmax's is). Returns the
+    rows ``Tensor[b, d]`` and each record's leverage, the largest eigenvalue of ``A J K``
+    (``Tensor[b]``; >= 1: removing the record leaves a singular curvature).
+    """
+    b, c, d = jac.shape
+    u = solve(grads.T).T
+    hj = solve(jac.reshape(b * c, d).T).T.reshape(b, c, d)
+    lev = a @ torch.einsum("bcd,bed->bce", jac, hj)
+    m = torch.eye(c, dtype=grads.dtype, device=grads.device) - lev
+    rhs = a @ torch.einsum("bcd,bd->bc", jac, u).unsqueeze(-1)
+    r = u + torch.einsum("bcd,bc->bd", hj, torch.linalg.solve(m, rhs).squeeze(-1))
+    return r, torch.linalg.eigvals(lev).real.max(dim=1).values
+
+
 class RescaledInfluence(InfluenceFunction):
     """RIF: ``N g_q^T dtheta_i`` for every training record i (see the module docstring).
 
@@ -108,15 +129,7 @@ class RescaledInfluence(InfluenceFunction):
                 grads[:, None, :],
                 torch.ones(grads.shape[0], 1, 1, dtype=grads.dtype, device=grads.device),
             )
-        jac, a = jac.to(grads), a.to(grads) / n_total
-        b, c, d = jac.shape
-        u = self.solver.solve(grads.T).T
-        hj = self.solver.solve(jac.reshape(b * c, d).T).T.reshape(b, c, d)
-        lev = a @ torch.einsum("bcd,bed->bce", jac, hj)
-        m = torch.eye(c, dtype=grads.dtype, device=grads.device) - lev
-        rhs = a @ torch.einsum("bcd,bd->bc", jac, u).unsqueeze(-1)
-        r = u + torch.einsum("bcd,bc->bd", hj, torch.linalg.solve(m, rhs).squeeze(-1))
-        return r, torch.linalg.eigvals(lev).real.max(dim=1).values
+        return woodbury_removal(self.solver.solve, grads, jac.to(grads), a.to(grads) / n_total)
 
     def cache(self, train: Batch) -> RescaledInfluence:
         super().cache(train)
@@ -148,27 +161,66 @@ class RescaledInfluence(InfluenceFunction):
 
 
 class NewtonStep(Attributor):
-    """The exact Newton step for removing a set of records, with dense Hessians (small models).
+    """The Newton step for removing a set of records, with the dense exact Hessian (small models).
+
+    Without ``output`` / ``output_loss`` the removed records' Hessians are exact too, built for
+    each removal (one dense Hessian per set: slow). With them, a removed record's Hessian is its
+    Gauss-Newton term ``J_i^T A_i J_i`` (exact for GLMs; for a network, the output-curvature term
+    ``sum_c dl/dz_c hess z_c`` of the *removed* records is dropped, while H keeps it), and every
+    removal is a low-rank Woodbury update of one Cholesky factor of H, batched over records.
 
     Args:
         task: the Task.
         l2: the objective's L2 coefficient; damping: extra diagonal damping.
+        output, output_loss: as :class:`RescaledInfluence`: the removal's low-rank factors.
         chunk_size: records per vmap chunk.
     """
 
-    def __init__(self, task: Task, *, l2: float = 0.0, damping: float = 0.0, chunk_size: int = 128) -> None:
+    def __init__(
+        self,
+        task: Task,
+        *,
+        l2: float = 0.0,
+        damping: float = 0.0,
+        output: OutputFn | None = None,
+        output_loss: OutputLossFn | None = None,
+        chunk_size: int = 128,
+    ) -> None:
         super().__init__(task, chunk_size=chunk_size)
         if l2 < 0 or damping < 0:
             raise RlattrError(f"l2, damping: must be >= 0, got {l2}, {damping}")
+        if (output is None) != (output_loss is None):
+            raise RlattrError(
+                "output, output_loss: pass both (low-rank removals) or neither (exact Hessians)"
+            )
         self.shift = float(l2 + damping)
+        self.output, self.output_loss = output, output_loss
         self._batch: Batch | None = None
         self._hessian: Tensor | None = None
+        self._chol: Tensor | None = None
 
     def cache(self, train: Batch) -> NewtonStep:
         self._train = self._train_features(train, None)
         self._batch = train
         self._hessian = ObjectiveHessian(self.task, train, shift=self.shift).dense()
+        if self.output is not None:
+            chol, info = torch.linalg.cholesky_ex(self._hessian)
+            if int(info) != 0:
+                raise RlattrError(
+                    f"damping: the Hessian plus l2 + damping ({self.shift:g}) is not positive definite; "
+                    "pass l2= (the objective's L2) or a damping > 0"
+                )
+            self._chol = chol
         return self
+
+    def _woodbury(self, grads: Tensor, jac: Tensor, a: Tensor) -> Tensor:
+        """``woodbury_removal`` with the cached Cholesky factor of H; refuses leverage >= 1."""
+        chol = self._chol
+        assert chol is not None
+        rows, lev = woodbury_removal(lambda b: torch.cholesky_solve(b, chol), grads, jac, a)
+        if bool((lev >= 1).any()):
+            raise RlattrError("damping: removing these records leaves a singular Hessian; increase damping")
+        return rows
 
     def _mask(self, remove: Tensor | list[int]) -> Tensor:
         g = self._require_cache()
@@ -190,6 +242,14 @@ class NewtonStep(Attributor):
         assert self._hessian is not None
         n = g.shape[0]
         sub = tree_map(lambda x: x[idx] if isinstance(x, Tensor) else x, self._batch)
+        if self.output is not None and self.output_loss is not None:  # the set as one rank-|T|C update
+            jac, a = record_curvature_factors(self.task, self.output, self.output_loss, sub)
+            t, c, d = jac.shape
+            block = torch.block_diag(*a.unbind(0)).to(self._hessian)[None] / n
+            step = self._woodbury(
+                g[idx].sum(0, keepdim=True).to(block), jac.to(block).reshape(1, t * c, d), block
+            )
+            return step[0] / n
         removed = ObjectiveHessian(self.task, sub, normalizer=n).dense()
         h_t = self._hessian - removed
         return torch.linalg.solve(h_t, g[idx].sum(0).to(h_t.dtype)) / n
@@ -203,8 +263,22 @@ class NewtonStep(Attributor):
 
     def attribute(self, query: Batch) -> Tensor:
         """Single-record Newton steps on the influence scale: ``N g_q^T dtheta_i``, ``Tensor[m, n]``."""
-        n = self._require_cache().shape[0]
-        return n * self.removal_effect(query, [[i] for i in range(n)])
+        g = self._require_cache()
+        n = g.shape[0]
+        if self.output is None or self.output_loss is None:
+            return n * self.removal_effect(query, [[i] for i in range(n)])
+        self.check_query(query)
+        assert self._chol is not None and self._batch is not None
+        q = query_grads(self.task, query, chunk_size=self.chunk_size).to(self._chol)
+        cols = []
+        for start in range(0, n, self.chunk_size):  # all single-record removals, a chunk at a time
+            stop = min(start + self.chunk_size, n)
+            jac, a = record_curvature_factors(
+                self.task, self.output, self.output_loss, slice_batch(self._batch, start, stop)
+            )
+            rows = self._woodbury(g[start:stop].to(self._chol), jac.to(self._chol), a.to(self._chol) / n)
+            cols.append(q @ rows.T)
+        return torch.cat(cols, dim=1)
 
 
-__all__ = ["NewtonStep", "RescaledInfluence", "record_curvature_factors"]
+__all__ = ["NewtonStep", "RescaledInfluence", "record_curvature_factors", "woodbury_removal"]
