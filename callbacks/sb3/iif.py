@@ -190,7 +190,9 @@ class IIFCallback(InfluenceCallback):
             raise RlattrError(f"rescore: got {rescore!r}; supported: {list(RESCORE)}")
         if score_on == "validation":
             if "target" in influence_kwargs:
-                raise RlattrError("target: score_on='validation' sets the return target itself; give one")
+                raise RlattrError(
+                    "target: score_on='validation' sets the return target itself; give no target"
+                )
             influence_kwargs["target"] = ReturnTarget(source="validation")
         influence_kwargs.setdefault("target", "return")
         influence_kwargs.setdefault("snapshot_every", 10)

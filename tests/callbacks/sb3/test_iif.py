@@ -236,7 +236,7 @@ def test_bad_arguments_are_named() -> None:
     ):
         IIFCallback(min_keep=0)
     with pytest.raises(
-        RlattrError, match=r"^rule_kwargs: got \['seed'\]; supported: \['k', 'like', 'q', 't'\]$"
+        RlattrError, match=r"^rule_kwargs: got \['seed'\]; supported: \['f', 'k', 'like', 'q', 't'\]$"
     ):
         IIFCallback(drop="top-k", rule_kwargs={"seed": 1})
     with pytest.raises(RlattrError, match=r"^k: got None; drop='top-k' needs it$"):
