@@ -147,7 +147,7 @@ def test_singular_hessian_without_damping_is_refused(lr):
 
 def test_bad_arguments_are_named(lr):
     with pytest.raises(ValueError, match="strategy"):
-        InfluenceFunction(lr.task, strategy="arnoldi")
+        InfluenceFunction(lr.task, strategy="newton")
     with pytest.raises(ValueError, match="options"):
         InfluenceFunction(lr.task, strategy="cg", l2=lr.l2, depth=3).cache(lr.train)
     with pytest.raises(ValueError, match="l2"):

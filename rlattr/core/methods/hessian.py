@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.func import hessian as func_hessian
 from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, slice_batch
@@ -54,6 +55,32 @@ class ParamLayout:
         return {n: vec[self.slices[n]].reshape(self.shapes[n]) for n in self.names}
 
 
+def record_curvature_factors(
+    task: Task,
+    output: Callable[[Params, Batch], Tensor],
+    output_loss: Callable[[Tensor, Batch], Tensor],
+    batch: Batch,
+    params: Params | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``J: Tensor[n, C, d]`` (output Jacobians) and ``A: Tensor[n, C, C]`` (loss Hessians in z)."""
+    p = task.tracked_params() if params is None else {k: params[k].detach() for k in task.tracked_names}
+    layout = ParamLayout(p, task.tracked_names)
+    theta = layout.flatten(p)
+
+    def out_one(th: Tensor, record: Batch) -> Tensor:
+        z = output(layout.unflatten(th), tree_map(lambda x: x.unsqueeze(0), record))
+        return z.reshape(-1)
+
+    def loss_one(z: Tensor, record: Batch) -> Tensor:
+        return output_loss(z.unsqueeze(0), tree_map(lambda x: x.unsqueeze(0), record)).reshape(())
+
+    jac = vmap(jacrev(out_one), in_dims=(None, 0))(theta, batch)
+    with torch.no_grad():
+        z = output(p, batch).reshape(jac.shape[0], -1)
+    a = vmap(func_hessian(loss_one))(z, batch)
+    return jac.detach(), a.detach()
+
+
 class ObjectiveHessian:
     """``H = (1 / normalizer) sum_i hess l_i(theta) + shift I`` as a linear operator.
 
@@ -65,6 +92,10 @@ class ObjectiveHessian:
         normalizer: the N of the mean (default: the number of records in ``batch``).
         chunk_size: records per Hessian-vector-product pass (bounds memory).
         output, output_loss: use the Gauss-Newton matrix (see the module docstring).
+        factor_bytes: with ``output``, the Gauss-Newton matrix is kept as its per-record factors
+            ``J: Tensor[n, C, d]``, ``A: Tensor[n, C, C]`` (built once; every product is then two
+            matrix products) when J fits in this many bytes; otherwise each product re-runs autograd.
+        dense_dim: up to this many parameters, full-batch products go through H built once.
     """
 
     def __init__(
@@ -78,9 +109,15 @@ class ObjectiveHessian:
         chunk_size: int = 1024,
         output: Callable[[Params, Batch], Tensor] | None = None,
         output_loss: Callable[[Tensor, Batch], Tensor] | None = None,
+        factor_bytes: int = 1 << 30,
+        dense_dim: int = 2048,
     ) -> None:
         if (output is None) != (output_loss is None):
             raise RlattrError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
+        self.factor_bytes = factor_bytes
+        self._factors: tuple[Tensor, Tensor] | None = None
+        self.dense_dim = dense_dim
+        self._dense: Tensor | None = None
         self.output, self.output_loss = output, output_loss
         if shift < 0 or not math.isfinite(shift):
             raise RlattrError(f"damping: l2 + damping must be a finite number >= 0, got {shift}")
@@ -129,9 +166,53 @@ class ObjectiveHessian:
 
         return vmap(hvp)(vs)
 
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        """The Gauss-Newton factors ``(J: Tensor[n, C, d], A: Tensor[n, C, C])``, built on first use;
+        None for the Hessian, or when J would exceed ``factor_bytes``."""
+        if self.output is None or self.output_loss is None:
+            return None
+        if self._factors is None:
+            with torch.no_grad():
+                c = self.output(self.layout.unflatten(self.theta), slice_batch(self.batch, 0, 1)).shape[-1]
+            if self.n * c * self.dim * self.theta.element_size() > self.factor_bytes:
+                return None
+            p = self.layout.unflatten(self.theta)
+            parts = [
+                record_curvature_factors(
+                    self.task,
+                    self.output,
+                    self.output_loss,
+                    slice_batch(self.batch, s, min(s + 256, self.n)),
+                    p,
+                )
+                for s in range(0, self.n, 256)
+            ]
+            self._factors = (torch.cat([j for j, _ in parts]), torch.cat([a for _, a in parts]))
+        return self._factors
+
     def matvec(self, v: Tensor, indices: Tensor | None = None) -> Tensor:
         """``H v`` for ``v: Tensor[d, k]``; with ``indices``, the Hessian of those records only
-        (normalised by their count), as LiSSA's minibatches use it."""
+        (normalised by their count), as LiSSA's minibatches use it.
+
+        With at most ``dense_dim`` parameters the full-batch H is built once (:meth:`dense`) and
+        every later product is one ``[d, d] @ [d, k]``: cheaper than re-running the records as soon
+        as an iterative solver needs more than ``d`` columns in all.
+        """
+        if indices is None and self.dim <= self.dense_dim:
+            if self._dense is None:
+                self._dense = self.dense()
+            return self._dense @ v.to(self._dense)
+        return self._product(v, indices)
+
+    def _product(self, v: Tensor, indices: Tensor | None) -> Tensor:
+        fac = self.factors()
+        if fac is not None:  # sum_i J_i^T A_i J_i v: three matrix products, no autograd
+            jac, a = fac if indices is None else (fac[0][indices], fac[1][indices])
+            v = v.to(self.theta)
+            n, c, d = jac.shape
+            av = (a @ (jac.reshape(n * c, d) @ v).reshape(n, c, -1)).reshape(n * c, -1)
+            norm = self.normalizer if indices is None else n
+            return jac.reshape(n * c, d).T @ av / norm + self.shift * v
         vs = v.T.to(self.theta).contiguous()
         batch = self.batch
         if indices is not None:
@@ -146,8 +227,19 @@ class ObjectiveHessian:
     def dense(self, block: int = 256) -> Tensor:
         """The whole ``Tensor[d, d]`` (small models only), symmetrised."""
         d = self.dim
+        if self._dense is not None:
+            return self._dense
+        fac = self.factors()
+        if fac is not None:  # sum_i J_i^T (A_i J_i), a chunk of records at a time
+            jac, a = fac
+            h = torch.zeros(d, d, dtype=self.theta.dtype, device=self.theta.device)
+            for s in range(0, self.n, 256):
+                j = jac[s : s + 256]
+                h += j.reshape(-1, d).T @ (a[s : s + 256] @ j).reshape(-1, d)
+            h = h / self.normalizer + self.shift * torch.eye(d, dtype=h.dtype, device=h.device)
+            return 0.5 * (h + h.T)
         eye = torch.eye(d, dtype=self.theta.dtype, device=self.theta.device)
-        cols = [self.matvec(eye[:, s : s + block]) for s in range(0, d, block)]
+        cols = [self._product(eye[:, s : s + block], None) for s in range(0, d, block)]
         h = torch.cat(cols, dim=1)
         return 0.5 * (h + h.T)
 

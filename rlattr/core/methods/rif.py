@@ -26,40 +26,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import hessian, jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, slice_batch
 from rlattr.core.methods.base import Attributor, query_grads
-from rlattr.core.methods.hessian import ObjectiveHessian, ParamLayout
+from rlattr.core.methods.hessian import ObjectiveHessian, record_curvature_factors
 from rlattr.core.methods.influence import InfluenceFunction
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
 
 OutputFn = Callable[[Params, Batch], Tensor]
 OutputLossFn = Callable[[Tensor, Batch], Tensor]
-
-
-def record_curvature_factors(
-    task: Task, output: OutputFn, output_loss: OutputLossFn, batch: Batch, params: Params | None = None
-) -> tuple[Tensor, Tensor]:
-    """``J: Tensor[n, C, d]`` (output Jacobians) and ``A: Tensor[n, C, C]`` (loss Hessians in z)."""
-    p = task.tracked_params() if params is None else {k: params[k].detach() for k in task.tracked_names}
-    layout = ParamLayout(p, task.tracked_names)
-    theta = layout.flatten(p)
-
-    def out_one(th: Tensor, record: Batch) -> Tensor:
-        z = output(layout.unflatten(th), tree_map(lambda x: x.unsqueeze(0), record))
-        return z.reshape(-1)
-
-    def loss_one(z: Tensor, record: Batch) -> Tensor:
-        return output_loss(z.unsqueeze(0), tree_map(lambda x: x.unsqueeze(0), record)).reshape(())
-
-    jac = vmap(jacrev(out_one), in_dims=(None, 0))(theta, batch)
-    with torch.no_grad():
-        z = output(p, batch).reshape(jac.shape[0], -1)
-    a = vmap(hessian(loss_one))(z, batch)
-    return jac.detach(), a.detach()
 
 
 def woodbury_removal(
