@@ -77,7 +77,7 @@ def ground_truth(s: dict[str, Any], subsets: int, out: Path) -> tuple[torch.Tens
 
 def methods(s: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     task = classification_task(s["model"], groups="tensor")
-    curv = {"output": per_record_logits(s["model"]), "output_loss": ce_of_logits}
+    curv: dict[str, Any] = {"output": per_record_logits(s["model"]), "output_loss": ce_of_logits}
     fisher = model_sampled_batch(s["model"], s["train"], 5, seed=0)
 
     def influence(strategy: str, **opts: Any) -> Callable[[], Any]:
@@ -93,7 +93,7 @@ def methods(s: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         table["IF Arnoldi"] = influence("arnoldi", rank=100, iterations=200)
     if "output" in inspect.signature(NewtonStep).parameters and s["kind"] == "logreg":
         # the MLP's exact Hessian is indefinite at l2 = 1e-3: no Newton step without more damping
-        table["Newton step (Woodbury)"] = lambda: NewtonStep(task, l2=L2, **curv)  # type: ignore[call-arg]
+        table["Newton step (Woodbury)"] = lambda: NewtonStep(task, l2=L2, **curv)
     return table
 
 

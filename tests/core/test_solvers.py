@@ -131,7 +131,8 @@ def test_factored_gauss_newton_equals_the_autograd_products() -> None:
     assert fast.factors() is not None and slow.factors() is None
     v = torch.randn(fast.dim, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fast.matvec(v), slow.matvec(v), rtol=1e-10, atol=1e-12)
-    for kw in ({"factor_bytes": 0}, {}):  # products through H built once, with and without factors
+    options: list[dict[str, Any]] = [{"factor_bytes": 0}, {}]
+    for kw in options:  # products through H built once, with and without factors
         built = ObjectiveHessian(task, train, shift=0.1, **kw, **curv)
         torch.testing.assert_close(built.matvec(v), slow.matvec(v), rtol=1e-10, atol=1e-12)
         assert built._dense is not None
