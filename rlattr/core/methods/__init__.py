@@ -1,6 +1,7 @@
 """Attribution methods, one module per family, all with the cache / attribute split."""
 
 from rlattr.core.methods.base import Attributor, query_grads
+from rlattr.core.methods.distill import DistilledEmbedding, recall_at_k
 from rlattr.core.methods.influence import InfluenceFunction, self_influence
 from rlattr.core.methods.rif import NewtonStep, RescaledInfluence
 from rlattr.core.methods.similarity import GradCos, GradDot
@@ -13,6 +14,7 @@ from rlattr.core.methods.weighting import LearnedWeights
 __all__ = [
     "STRATEGIES",
     "Attributor",
+    "DistilledEmbedding",
     "GradCos",
     "GradDot",
     "InfluenceFunction",
@@ -24,5 +26,6 @@ __all__ = [
     "TracIn",
     "Unlearning",
     "query_grads",
+    "recall_at_k",
     "self_influence",
 ]

@@ -1,0 +1,194 @@
+"""Distilled attribution embeddings: a slow teacher's rankings in a fast embedding space.
+
+A teacher attributor scores a sample of fit queries against the training records once. Two small
+encoders, one for records and one for queries, both on caller-given features, are fitted so that
+the student score ``e_q(q) . e_r(i)`` ranks the records like the teacher does (a listwise ranking
+loss, ListNet: cross-entropy between ``softmax(z(teacher) / T)`` and ``softmax(z(student) / T)`` over the
+records of each query, ``z`` the per-query standardisation, plus a small squared error on the
+standardised scores that fixes the scale). New queries are then answered without the teacher:
+encode the query, take dot products with the index of record embeddings.
+
+Index: exact search (one matrix product and ``torch.topk``). At this library's sizes (up to about
+10^6 records x 64 dimensions) that is milliseconds per query, returns the true top k (no recall lost
+to the index), and needs no extra dependency; an approximate library pays off only beyond that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from rlattr.core.grads import batch_size
+from rlattr.core.methods.base import Attributor, batch_signature
+from rlattr.core.task import Batch
+from rlattr.errors import RlattrError
+
+Features = Callable[[Batch], Tensor]
+
+
+def make_encoder(n_in: int, hidden: int, dim: int, dtype: torch.dtype) -> nn.Module:
+    """``hidden == 0``: one Linear map ``n_in -> dim``; else Linear-Tanh-Linear."""
+    if hidden == 0:
+        return nn.Linear(n_in, dim).to(dtype)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, dim)).to(dtype)
+
+
+def standardize(x: Tensor, dim: int = -1) -> Tensor:
+    """``(x - mean) / std`` along ``dim`` (std floored, so constant rows map to 0)."""
+    return (x - x.mean(dim, keepdim=True)) / x.std(dim, keepdim=True).clamp_min(1e-12)
+
+
+def listnet_loss(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
+    """Mean over rows of ``CE(softmax(z(target) / T), softmax(z(pred) / T))``; rows are the lists.
+
+    Both sides standardised per row, so the minimiser is ``z(pred) = z(target)`` whatever the
+    scale of either (the cross-entropy is minimal where the two distributions agree).
+    """
+    p = torch.softmax(standardize(target) / temperature, dim=-1)
+    return -(p * torch.log_softmax(standardize(pred) / temperature, dim=-1)).sum(-1).mean()
+
+
+def encode_features(features: Features, batch: Batch, what: str) -> Tensor:
+    """``features(batch)`` checked to be ``Tensor[n, f]`` with one row per record of ``batch``."""
+    out = features(batch)
+    n = batch_size(batch)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RlattrError(f"{what}: returned {shape} for {n} records; supported: Tensor[n, f]")
+    if not out.is_floating_point():
+        raise RlattrError(f"{what}: returned dtype {out.dtype}; supported: a floating-point Tensor[n, f]")
+    return out.detach()
+
+
+def recall_at_k(student: Tensor, teacher: Tensor, k: int) -> float:
+    """Mean over queries of ``|top_k(student) & top_k(teacher)| / k`` for ``Tensor[m, n]`` scores."""
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise RlattrError(
+            f"student: got shape {tuple(student.shape)}; supported: the teacher's [m, n] {tuple(teacher.shape)}"
+        )
+    if not 1 <= k <= student.shape[1]:
+        raise RlattrError(f"k: got {k}; supported: 1 <= k <= {student.shape[1]}")
+    s = torch.zeros_like(student, dtype=torch.bool).scatter_(1, student.topk(k, dim=1).indices, True)
+    t = torch.zeros_like(teacher, dtype=torch.bool).scatter_(1, teacher.topk(k, dim=1).indices, True)
+    return float((s & t).sum(1).double().mean() / k)
+
+
+def check_fit_options(dim: int, hidden: int, steps: int, lr: float, temperature: float) -> None:
+    if dim < 1 or hidden < 0 or steps < 1:
+        raise RlattrError(f"dim, hidden, steps: got {dim}, {hidden}, {steps}; supported: >= 1, >= 0, >= 1")
+    if not lr > 0 or not temperature > 0:
+        raise RlattrError(f"lr, temperature: got {lr}, {temperature}; supported: both > 0")
+
+
+class DistilledEmbedding(Attributor):
+    """Record and query embeddings fitted to a teacher's scores; exact top-k search over records.
+
+    Args:
+        teacher: any attributor (cached here on the same training records if it is not yet).
+        features: ``batch -> Tensor[n, f]``, the input of the record encoder.
+        query_features: the input of the query encoder (default: ``features``).
+        dim: embedding dimension; hidden: hidden width of each encoder (0: linear encoders).
+        steps, lr: full-batch Adam steps and learning rate; temperature: T of the ranking loss.
+        mse_weight: weight of the squared error on standardised scores; seed: initialisation.
+    """
+
+    def __init__(
+        self,
+        teacher: Attributor,
+        features: Features,
+        *,
+        query_features: Features | None = None,
+        dim: int = 32,
+        hidden: int = 64,
+        steps: int = 500,
+        lr: float = 1e-2,
+        temperature: float = 0.3,
+        mse_weight: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(teacher, Attributor):
+            raise RlattrError(f"teacher: got {type(teacher).__name__}; supported: an Attributor")
+        if not callable(features) or (query_features is not None and not callable(query_features)):
+            raise RlattrError("features, query_features: supported: callables batch -> Tensor[n, f]")
+        check_fit_options(dim, hidden, steps, lr, temperature)
+        if mse_weight < 0:
+            raise RlattrError(f"mse_weight: got {mse_weight}; supported: >= 0")
+        super().__init__(teacher.task, chunk_size=teacher.chunk_size)
+        self.teacher, self.features = teacher, features
+        self.query_features = query_features or features
+        self.dim, self.hidden, self.steps, self.lr = dim, hidden, steps, lr
+        self.temperature, self.mse_weight, self.seed = temperature, mse_weight, seed
+        self.record_encoder: nn.Module | None = None
+        self.query_encoder: nn.Module | None = None
+        self._feats: Tensor | None = None
+        self.history: list[float] = []
+
+    def cache(self, train: Batch) -> DistilledEmbedding:
+        if self.teacher._train is None:
+            self.teacher.cache(train)
+        self._signature = batch_signature(train)
+        self._feats = encode_features(self.features, train, "features")
+        return self
+
+    def fit(self, queries: Batch) -> DistilledEmbedding:
+        """Fit both encoders to ``teacher.attribute(queries)``; then build the record index."""
+        if self._feats is None:
+            raise RuntimeError("DistilledEmbedding.fit: call cache(train) first")
+        teacher = self.teacher.attribute(queries).detach().to(self._feats.dtype)
+        fq = encode_features(self.query_features, queries, "query_features").to(self._feats.dtype)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            rec = make_encoder(self._feats.shape[1], self.hidden, self.dim, self._feats.dtype)
+            qry = make_encoder(fq.shape[1], self.hidden, self.dim, self._feats.dtype)
+        opt = torch.optim.Adam([*rec.parameters(), *qry.parameters()], lr=self.lr)
+        target = standardize(teacher)
+        self.history = []
+        for _ in range(self.steps):
+            opt.zero_grad()
+            pred = qry(fq) @ rec(self._feats).T
+            loss = listnet_loss(pred, teacher, self.temperature)
+            loss = loss + self.mse_weight * (standardize(pred) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            self.history.append(float(loss.detach()))
+        self.record_encoder, self.query_encoder = rec, qry
+        with torch.no_grad():
+            self._train = rec(self._feats)  # the index: Tensor[n, dim]
+        return self
+
+    def _index(self) -> Tensor:
+        if self._train is None or self.query_encoder is None:
+            raise RuntimeError("DistilledEmbedding: call cache(train) and fit(queries) first")
+        return self._train
+
+    def embed_queries(self, query: Batch) -> Tensor:
+        """``Tensor[m, dim]``: the query embeddings."""
+        index = self._index()
+        assert self.query_encoder is not None
+        with torch.no_grad():
+            return self.query_encoder(encode_features(self.query_features, query, "query_features").to(index))
+
+    def attribute(self, query: Batch) -> Tensor:
+        index = self._index()
+        return self.embed_queries(query) @ index.T
+
+    def search(self, query: Batch, k: int) -> tuple[Tensor, Tensor]:
+        """Exact top-k: ``(scores, record indices)``, each ``Tensor[m, k]``, best first."""
+        index = self._index()
+        if not 1 <= k <= index.shape[0]:
+            raise RlattrError(f"k: got {k}; supported: 1 <= k <= {index.shape[0]} (the indexed records)")
+        out = (self.embed_queries(query) @ index.T).topk(k, dim=1)
+        return out.values, out.indices
+
+
+__all__ = [
+    "DistilledEmbedding",
+    "Features",
+    "encode_features",
+    "listnet_loss",
+    "make_encoder",
+    "recall_at_k",
+    "standardize",
+]
