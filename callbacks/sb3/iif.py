@@ -215,6 +215,12 @@ class IIFCallback(InfluenceCallback):
         # batch_size as min_keep in _init_callback when min_keep is None
         self.rule: SelectionRule = drop if isinstance(drop, SelectionRule) else self._make_rule(min_keep or 1)
         self._rule_pending = not isinstance(drop, SelectionRule) and min_keep is None
+        if rescore == "epoch" and self.advantage_norm == "minibatch":
+            # the labels of each later epoch's minibatches are SB3's fresh shuffle, unknown beforehand
+            raise RlattrError(
+                "rescore: got 'epoch' with advantage_norm='minibatch'; supported: advantage_norm "
+                "'auto', 'buffer' or 'none'"
+            )
         self.score_on, self.rescore = score_on, rescore
         self.filter_history: list[dict[str, Any]] = []
         self._original_shape: BufferShape | None = None

@@ -141,5 +141,7 @@ def test_variant_arguments_are_named() -> None:
         IIFCallback(rescore="step")
     with pytest.raises(RlattrError, match="^target: score_on='validation' sets the return target itself"):
         IIFCallback(score_on="validation", target="return", validation_env=DummyVecEnv([CounterEnv]))
+    with pytest.raises(RlattrError, match="^rescore: got 'epoch' with advantage_norm='minibatch'"):
+        IIFCallback(rescore="epoch", advantage_norm="minibatch")
     with pytest.raises(RlattrError, match="^validation_env: ReturnTarget"):
         IIFCallback(score_on="validation")
