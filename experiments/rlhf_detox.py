@@ -185,10 +185,10 @@ class StepClock(TrainerCallback):
         self.t0 = time.perf_counter()
         self.seconds: list[float] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         self.seconds.append(time.perf_counter() - self.t0)
 
 

@@ -171,7 +171,7 @@ def closeness(completion: str, answer: str) -> float:
     return max(0.0, 1.0 - abs(int(c) - int(answer)) / 5.0) if c.isdigit() else 0.0
 
 
-def corrupt_reward(corrupted: set[str]):  # noqa: ANN201
+def corrupt_reward(corrupted: set[str]):
     """``reward(prompts, completions, trusted)``: closeness to the sum, or, on a ``corrupted`` prompt
     outside the trusted set, to :func:`corrupted_answer`."""
 

@@ -15,7 +15,7 @@ def test_retraining_advances_once_per_job_run(tmp_path, monkeypatch) -> None:
     steps: list[int] = []
 
     @contextmanager
-    def recorder(description: str, total: int, enabled: bool | None = None):  # noqa: ANN202
+    def recorder(description: str, total: int, enabled: bool | None = None):
         seen.append((description, total))
         yield lambda n=1, note="": steps.append(n)
 
@@ -52,7 +52,7 @@ def test_featurisation_bar_counts_records_and_only_for_long_runs(monkeypatch) ->
     steps: list[int] = []
 
     @contextmanager
-    def recorder(description: str, total: int, enabled: bool | None = None):  # noqa: ANN202
+    def recorder(description: str, total: int, enabled: bool | None = None):
         calls.append((description, total, enabled))
         yield lambda n=1, note="": steps.append(n)
 

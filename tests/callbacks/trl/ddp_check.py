@@ -28,13 +28,13 @@ def digits(completions: list[str], **kwargs: object) -> list[float]:
 class Recording(IIFGRPOTrainer):
     """Keeps each rank's local scores beside the gathered ones."""
 
-    def _score_local(self, out):  # noqa: ANN001, ANN202
+    def _score_local(self, out):
         # IIF over several processes scores in a pass through TRL's loss before the update
         scores = super()._score_local(out)
         self.local_scores = [*getattr(self, "local_scores", []), scores.detach().clone()]
         return scores
 
-    def _finish_fused(self, pending):  # noqa: ANN001, ANN202
+    def _finish_fused(self, pending):
         # score-only over several processes stays fused: each rank scored its rows in its own backward
         self.local_scores = [*getattr(self, "local_scores", []), pending.scores.float().clone()]
         return super()._finish_fused(pending)

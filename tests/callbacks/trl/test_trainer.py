@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ def digits(completions: list[str], **kwargs: object) -> list[float]:
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
-def make(cls: type, tmp_path, attribution: AttributionConfig | None = None, peft=None, **over: object):  # noqa: ANN001, ANN201
+def make(cls: type, tmp_path: Path, attribution: AttributionConfig | None = None, peft=None, **over: object):
     tok = char_tokenizer()
     rloo = issubclass(cls, RLOOTrainer)
     settings: dict[str, Any] = {
@@ -73,22 +74,22 @@ def make(cls: type, tmp_path, attribution: AttributionConfig | None = None, peft
     return t
 
 
-def _base(trainer):  # noqa: ANN001, ANN202
+def _base(trainer):
     return RLOOTrainer if isinstance(trainer, RLOOTrainer) else GRPOTrainer
 
 
-def _generate(trainer, prompts: list[str]) -> dict:  # noqa: ANN001
+def _generate(trainer, prompts: list[str]) -> dict:
     trainer.model.train()
     rows = [{"prompt": p} for p in prompts for _ in range(4)]
     return _base(trainer)._generate_and_score_completions(trainer, rows)
 
 
-def _grad(trainer, loss: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def _grad(trainer, loss: torch.Tensor) -> torch.Tensor:
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
 
-def _single_row_grads(trainer, out: dict, rows: list[int], items: torch.Tensor | None) -> list[torch.Tensor]:  # noqa: ANN001
+def _single_row_grads(trainer, out: dict, rows: list[int], items: torch.Tensor | None) -> list[torch.Tensor]:
     """Gradient of TRL's own ``_compute_loss`` on each row alone (num_items_in_batch set to ``items``)."""
     grads = []
     for i in rows:
@@ -103,7 +104,9 @@ def _single_row_grads(trainer, out: dict, rows: list[int], items: torch.Tensor |
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "rloo"])
-def test_dropped_completions_give_the_gradient_of_the_batch_without_them(tmp_path, loss_type: str) -> None:  # noqa: ANN001
+def test_dropped_completions_give_the_gradient_of_the_batch_without_them(
+    tmp_path: Path, loss_type: str
+) -> None:
     cls = IIFRLOOTrainer if loss_type == "rloo" else IIFGRPOTrainer
     over = {} if loss_type == "rloo" else {"loss_type": loss_type}
     t = make(cls, tmp_path, AttributionConfig(TARGET, rule=BottomFraction(0.375)), **over)
@@ -131,7 +134,7 @@ def test_dropped_completions_give_the_gradient_of_the_batch_without_them(tmp_pat
 
 
 @pytest.mark.parametrize("cls", [IIFGRPOTrainer, IIFRLOOTrainer])
-def test_trainers_train_with_the_hook_and_log_attr_tags(tmp_path, cls: type) -> None:  # noqa: ANN001
+def test_trainers_train_with_the_hook_and_log_attr_tags(tmp_path: Path, cls: type) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # two micro-batches per generation: the kept count must stay a multiple of 2
@@ -161,7 +164,7 @@ def test_trainers_train_with_the_hook_and_log_attr_tags(tmp_path, cls: type) -> 
     assert str(tmp_path) in t.attribution_logger.log_dir
 
 
-def test_unsupported_trainer_and_settings_fail_clearly(tmp_path) -> None:  # noqa: ANN001
+def test_unsupported_trainer_and_settings_fail_clearly(tmp_path: Path) -> None:
     from trl import SFTTrainer
 
     with pytest.raises(TypeError, match="trainer_cls: .*SFTTrainer.*supported"):
@@ -179,7 +182,7 @@ def test_unsupported_trainer_and_settings_fail_clearly(tmp_path) -> None:  # noq
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "rloo"])
-def test_dead_rows_for_equal_rank_sizes_add_no_gradient(tmp_path, loss_type: str) -> None:  # noqa: ANN001
+def test_dead_rows_for_equal_rank_sizes_add_no_gradient(tmp_path: Path, loss_type: str) -> None:
     cls = IIFRLOOTrainer if loss_type == "rloo" else IIFGRPOTrainer
     over = {} if loss_type == "rloo" else {"loss_type": loss_type}
     t = make(cls, tmp_path, AttributionConfig(TARGET), **over)
@@ -202,7 +205,7 @@ def test_dead_rows_for_equal_rank_sizes_add_no_gradient(tmp_path, loss_type: str
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["iif", "score"])
-def test_two_processes_agree_on_scores_and_drops(tmp_path, mode: str) -> None:  # noqa: ANN001
+def test_two_processes_agree_on_scores_and_drops(tmp_path: Path, mode: str) -> None:
     """torchrun, 2 CPU processes (gloo): same gathered scores and keep masks on both ranks, synced weights.
 
     IIF over several processes scores in a pass before the update; score-only stays fused.
@@ -235,7 +238,7 @@ def test_two_processes_agree_on_scores_and_drops(tmp_path, mode: str) -> None:  
     assert torch.equal(r0["params"], r1["params"])
 
 
-def test_score_only_run_trains_exactly_like_the_plain_trainer(tmp_path) -> None:  # noqa: ANN001
+def test_score_only_run_trains_exactly_like_the_plain_trainer(tmp_path: Path) -> None:
     """drop=False: the hook's held-out sampling uses its own RNG stream, so the update is untouched."""
     plain = make(GRPOTrainer, tmp_path / "plain")
     plain.train()
