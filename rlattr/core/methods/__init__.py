@@ -3,6 +3,7 @@
 from rlattr.core.methods.base import Attributor, query_grads
 from rlattr.core.methods.distill import DistilledEmbedding, recall_at_k
 from rlattr.core.methods.influence import InfluenceFunction, self_influence
+from rlattr.core.methods.representation import AirRep
 from rlattr.core.methods.rif import NewtonStep, RescaledInfluence
 from rlattr.core.methods.similarity import GradCos, GradDot
 from rlattr.core.methods.solvers import STRATEGIES, Solver
@@ -13,6 +14,7 @@ from rlattr.core.methods.weighting import LearnedWeights
 
 __all__ = [
     "STRATEGIES",
+    "AirRep",
     "Attributor",
     "DistilledEmbedding",
     "GradCos",

@@ -1,0 +1,168 @@
+"""AirRep-style representation attribution: encoders and attention pooling trained on subset effects.
+
+A record encoder ``e_r`` and a query encoder ``e_q`` (small MLPs on caller-given features, e.g. the
+model's own hidden representation) give the single-record score ``s(q, i) = e_q(q) . e_r(i)``. A
+group S of records (an episode, a round's records of one environment) is scored by attention
+pooling,
+
+    G(q, S) = |S| sum_{i in S} alpha_i(S) s(q, i),   alpha(S) = softmax_{i in S}(v . e_r(i)),
+
+so a group of one scores like the record and uniform attention gives the additive datamodel
+``sum_{i in S} s(q, i)``. Training data are retrained subsets (``rlattr.eval.groundtruth
+.subset_retraining``): ``masks: Tensor[M, n]`` and ``effects: Tensor[M, m]``, the measured effect of
+training on subset s on fit query j (higher = helped, e.g. minus the query loss). The objective
+ranks the subsets of each query like their effects (ListNet over the M subsets, standardised, see
+:func:`rlattr.core.methods.distill.listnet_loss`). Query and record encoders are separate because
+a training record and a query need not be the same kind of object (the paper shares one encoder).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rlattr.core.methods.base import Attributor, batch_signature
+from rlattr.core.methods.distill import (
+    Features,
+    check_fit_options,
+    encode_features,
+    listnet_loss,
+    make_encoder,
+)
+from rlattr.core.task import Batch, Task
+from rlattr.errors import RlattrError
+
+
+def pooled_scores(scores: Tensor, gate: Tensor, masks: Tensor) -> Tensor:
+    """``Tensor[m, G]``: ``|S| sum_{i in S} softmax_S(gate)_i scores[:, i]`` for each row S of ``masks``.
+
+    ``scores: Tensor[m, n]``, ``gate: Tensor[n]`` (attention logits), ``masks: Tensor[G, n]`` bool.
+    """
+    logits = gate.expand(masks.shape[0], -1).masked_fill(~masks, float("-inf"))
+    alpha = torch.softmax(logits, dim=1) * masks.sum(1, keepdim=True).to(scores)
+    return scores @ alpha.T
+
+
+class AirRep(Attributor):
+    """Trainable record / query encoders with attention pooling, fitted to subset-retraining effects.
+
+    Args:
+        task: the Task (kept for the shared interface; the scores need no gradients).
+        features: ``batch -> Tensor[n, f]``, the record encoder's input.
+        query_features: the query encoder's input (default: ``features``).
+        dim, hidden: embedding dimension and hidden width (0: linear encoders).
+        steps, lr: full-batch Adam; temperature: T of the ranking loss; seed: initialisation.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        features: Features,
+        *,
+        query_features: Features | None = None,
+        dim: int = 32,
+        hidden: int = 64,
+        steps: int = 500,
+        lr: float = 1e-2,
+        temperature: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(task)
+        if not callable(features) or (query_features is not None and not callable(query_features)):
+            raise RlattrError("features, query_features: supported: callables batch -> Tensor[n, f]")
+        check_fit_options(dim, hidden, steps, lr, temperature)
+        self.features, self.query_features = features, query_features or features
+        self.dim, self.hidden, self.steps, self.lr = dim, hidden, steps, lr
+        self.temperature, self.seed = temperature, seed
+        self.networks: nn.ModuleDict | None = None
+        self._feats: Tensor | None = None
+        self.history: list[float] = []
+
+    def cache(self, train: Batch) -> AirRep:
+        self._signature = batch_signature(train)
+        self._feats = encode_features(self.features, train, "features")
+        return self
+
+    def _check_labels(self, masks: Tensor, effects: Tensor, m: int) -> None:
+        assert self._feats is not None
+        n = self._feats.shape[0]
+        if (
+            masks.dim() != 2
+            or masks.dtype != torch.bool
+            or masks.shape[1] != n
+            or not bool(masks.any(1).all())
+        ):
+            raise RlattrError(
+                f"masks: got {masks.dtype} {tuple(masks.shape)}; supported: bool Tensor[M, {n}], "
+                "each row keeping >= 1 record"
+            )
+        if effects.shape != (masks.shape[0], m) or not bool(effects.isfinite().all()):
+            raise RlattrError(
+                f"effects: got shape {tuple(effects.shape)}; supported: finite Tensor[M, m] = "
+                f"{(masks.shape[0], m)} (one column per fit query)"
+            )
+
+    def fit(self, queries: Batch, masks: Tensor, effects: Tensor) -> AirRep:
+        """Fit encoders and attention to the effects of training on each subset on each query."""
+        if self._feats is None:
+            raise RuntimeError("AirRep.fit: call cache(train) first")
+        fq = encode_features(self.query_features, queries, "query_features").to(self._feats)
+        self._check_labels(masks, effects, fq.shape[0])
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            gate = nn.Linear(self.dim, 1, bias=False).to(self._feats.dtype)
+            nn.init.zeros_(gate.weight)  # start at uniform attention: the additive datamodel
+            mods = nn.ModuleDict(
+                {
+                    "record": make_encoder(self._feats.shape[1], self.hidden, self.dim, self._feats.dtype),
+                    "query": make_encoder(fq.shape[1], self.hidden, self.dim, self._feats.dtype),
+                    "gate": gate,
+                }
+            )
+        opt = torch.optim.Adam(mods.parameters(), lr=self.lr)
+        target = effects.to(self._feats).T  # [m, M]: each query's list of subsets
+        self.history = []
+        for _ in range(self.steps):
+            opt.zero_grad()
+            rec = mods["record"](self._feats)
+            pooled = pooled_scores(mods["query"](fq) @ rec.T, mods["gate"](rec).squeeze(1), masks)
+            loss = listnet_loss(pooled, target, self.temperature)
+            loss.backward()
+            opt.step()
+            self.history.append(float(loss.detach()))
+        self.networks = mods
+        with torch.no_grad():
+            self._train = mods["record"](self._feats)
+        return self
+
+    def _embed(self, query: Batch) -> tuple[Tensor, Tensor]:
+        if self._train is None or self.networks is None:
+            raise RuntimeError("AirRep: call cache(train) and fit(queries, masks, effects) first")
+        with torch.no_grad():
+            q = self.networks["query"](
+                encode_features(self.query_features, query, "query_features").to(self._train)
+            )
+        return q @ self._train.T, self.networks["gate"](self._train).squeeze(1).detach()
+
+    def attribute(self, query: Batch) -> Tensor:
+        return self._embed(query)[0]
+
+    def group_scores(self, query: Batch, groups: Tensor) -> Tensor:
+        """``Tensor[m, G]``: pooled score of each group (row of bool ``groups: Tensor[G, n]``)."""
+        scores, gate = self._embed(query)
+        n = scores.shape[1]
+        if (
+            groups.dim() != 2
+            or groups.dtype != torch.bool
+            or groups.shape[1] != n
+            or not bool(groups.any(1).all())
+        ):
+            raise RlattrError(
+                f"groups: got {groups.dtype} {tuple(groups.shape)}; supported: bool Tensor[G, {n}], "
+                "each row holding >= 1 record"
+            )
+        with torch.no_grad():
+            return pooled_scores(scores, gate, groups)
+
+
+__all__ = ["AirRep", "pooled_scores"]
