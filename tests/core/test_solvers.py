@@ -143,3 +143,16 @@ def test_factored_gauss_newton_equals_the_autograd_products() -> None:
     jac, a = fast.factors()  # type: ignore[misc]
     want = sum(jac[i].T @ a[i] @ jac[i] for i in range(jac.shape[0])) / jac.shape[0]
     torch.testing.assert_close(fast.dense(), want + 0.1 * torch.eye(fast.dim, dtype=torch.float64))
+
+
+def test_explicit_on_an_indefinite_hessian_with_l2_does_not_ask_for_l2() -> None:
+    model, train, _ = _indefinite()
+    task = classification_task(model)
+    low = float(torch.linalg.eigvalsh(ObjectiveHessian(task, train).dense())[0])
+    with pytest.raises(RlattrError, match=r"l2 \+ damping must exceed ([\d.e+-]+) \(the Hessian") as err:
+        InfluenceFunction(task, l2=1e-3).cache(train)
+    assert "pass l2=" not in str(err.value) and "Gauss-Newton" in str(err.value)
+    need = float(re.search(r"must exceed ([\d.e+-]+) ", str(err.value)).group(1))  # type: ignore[union-attr]
+    assert need == pytest.approx(-low, rel=1e-2)  # minus the undamped Hessian's smallest eigenvalue
+    with pytest.raises(RlattrError, match=r"\(0\) is singular .*; pass l2= \(the objective's L2\)"):
+        InfluenceFunction(task).cache(train)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlattr.core.methods.hessian import HessianSolver, ObjectiveHessian
+from rlattr.core.methods.hessian import HessianSolver, ObjectiveHessian, damping_remedy
 from rlattr.errors import RlattrError
 
 
@@ -54,8 +54,8 @@ class ArnoldiSolver(HessianSolver):
         if bool(small.any()):
             raise RlattrError(
                 f"damping: the Hessian plus l2 + damping ({hessian.shift:g}) has a Ritz value near 0 "
-                f"({float(lam[small].abs().min()):.3g}); pass l2= (the objective's L2), a damping > 0 or a "
-                "smaller rank"
+                f"({float(lam[small].abs().min()):.3g}); take a smaller rank, or "
+                f"{damping_remedy(hessian.shift, float(lam[small].abs().min()))}"
             )
         self.eigenvalues, self.eigenvectors = lam, q @ vec
         self.iterations = q.shape[1]

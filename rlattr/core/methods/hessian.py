@@ -31,6 +31,17 @@ from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
 
 
+def damping_remedy(shift: float, low: float) -> str:
+    """What to pass when ``H + shift I`` is not positive definite (``low``: its smallest eigenvalue)."""
+    if shift == 0:
+        return "pass l2= (the objective's L2) or a damping > 0"
+    need = shift - low  # the l2 + damping that would lift the smallest eigenvalue to 0
+    return (
+        f"l2 + damping must exceed {need:.3g} (the Hessian is indefinite or singular there): raise "
+        "damping, or pass output= and output_loss= for the positive semi-definite Gauss-Newton matrix"
+    )
+
+
 class ParamLayout:
     """Where each tracked tensor lives in the flat parameter vector."""
 
@@ -318,7 +329,7 @@ class ExplicitSolver(HessianSolver):
             low = float(torch.linalg.eigvalsh(h)[0])
             raise RlattrError(
                 f"damping: the Hessian plus l2 + damping ({hessian.shift:g}) is singular or not positive "
-                f"definite (smallest eigenvalue {low:.3g}); pass l2= (the objective's L2) or a damping > 0"
+                f"definite (smallest eigenvalue {low:.3g}); {damping_remedy(hessian.shift, low)}"
             )
         self.chol = chol
 

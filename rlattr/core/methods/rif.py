@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, slice_batch
 from rlattr.core.methods.base import Attributor, query_grads
-from rlattr.core.methods.hessian import ObjectiveHessian, record_curvature_factors
+from rlattr.core.methods.hessian import ObjectiveHessian, damping_remedy, record_curvature_factors
 from rlattr.core.methods.influence import InfluenceFunction
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
@@ -183,9 +183,10 @@ class NewtonStep(Attributor):
         if self.output is not None:
             chol, info = torch.linalg.cholesky_ex(self._hessian)
             if int(info) != 0:
+                low = float(torch.linalg.eigvalsh(self._hessian)[0])
                 raise RlattrError(
-                    f"damping: the Hessian plus l2 + damping ({self.shift:g}) is not positive definite; "
-                    "pass l2= (the objective's L2) or a damping > 0"
+                    f"damping: the Hessian plus l2 + damping ({self.shift:g}) is not positive definite "
+                    f"(smallest eigenvalue {low:.3g}); {damping_remedy(self.shift, low)}"
                 )
             self._chol = chol
         return self
