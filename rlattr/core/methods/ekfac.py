@@ -7,9 +7,14 @@ for the bias). K-FAC approximates the layer's curvature block by ``A (x) S`` wit
 Kronecker eigenvalues by ``Lambda = mean_i (Q_S^T G_i Q_A)^2`` (the curvature's exact diagonal in
 that basis). The inverse applied to a layer block V is ``Q_S [(Q_S^T V Q_A) / (Lambda + shift)] Q_A^T``.
 
-The curvature is the Fisher of ``fisher_loss`` (default the Task's own loss: the empirical
-Fisher; pass a loss with labels sampled from the model for the true Fisher). Layers are
-independent blocks; every tracked parameter must belong to a supported layer.
+The curvature is the Fisher of ``fisher_loss`` on the spec's records (default the Task's own loss
+on the training records: the empirical Fisher). The true Fisher (labels sampled from the model) was
+clearly better on both digits models (``docs/results/tda.md``), but it cannot be the default: a
+Task is a loss of ``(params, batch)`` and knows no predictive distribution to sample labels from.
+For a classifier pass records with sampled labels as ``hessian_data`` (e.g.
+``rlattr.testing.supervised.model_sampled_batch(model, train, draws=5)``, as the benchmark does),
+or a ``fisher_loss`` that samples. Layers are independent blocks; every tracked parameter must
+belong to a supported layer.
 """
 
 from __future__ import annotations
