@@ -156,3 +156,21 @@ def test_explicit_on_an_indefinite_hessian_with_l2_does_not_ask_for_l2() -> None
     assert need == pytest.approx(-low, rel=1e-2)  # minus the undamped Hessian's smallest eigenvalue
     with pytest.raises(RlattrError, match=r"\(0\) is singular .*; pass l2= \(the objective's L2\)"):
         InfluenceFunction(task).cache(train)
+
+
+@pytest.mark.parametrize("strategy", ["explicit", "cg", "arnoldi"])
+def test_by_group_scores_come_from_one_batched_solve_and_match_the_per_group_loop(strategy: str) -> None:
+    from rlattr.core.methods.base import Attributor
+
+    lr = logreg_problem(n=40, groups="tensor")
+    by_strategy: dict[str, dict[str, Any]] = {"cg": {"max_iter": 300, "tol": 1e-12}, "arnoldi": {"rank": 10}}
+    options = by_strategy.get(strategy, {})
+    attr = InfluenceFunction(lr.task, strategy=strategy, l2=lr.l2, **options).cache(lr.train)
+    calls: list[int] = []
+    solve = attr.solver.solve
+    attr._solver.solve = lambda b: calls.append(b.shape[1]) or solve(b)  # type: ignore[union-attr,method-assign,func-returns-value]
+    fast = attr.attribute_by_group(lr.query)
+    assert calls == [2 * lr.query["y"].shape[0]]  # one solve: 2 groups (weight, bias) x m queries
+    loop = Attributor.attribute_by_group(attr, lr.query)  # one score_vectors (solve) per group
+    torch.testing.assert_close(fast, loop, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(fast.sum(-1), attr.attribute(lr.query), rtol=1e-8, atol=1e-10)

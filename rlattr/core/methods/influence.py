@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlattr.core.methods.base import Attributor, query_grads
+from rlattr.core.methods.base import Attributor, group_masks, query_grads
 from rlattr.core.methods.hessian import CurvatureSpec
 from rlattr.core.methods.solvers import Solver, build_solver, check_strategy
 from rlattr.core.task import Batch, Task
@@ -117,6 +117,17 @@ class InfluenceFunction(Attributor):
 
     def attribute(self, query: Batch) -> Tensor:
         return self.score_vectors(self.query_vectors(query))
+
+    def attribute_by_group(self, query: Batch) -> Tensor:
+        """Per-group contributions ``Tensor[m, n, G]`` from one solve of all G x m masked queries
+        (one Cholesky solve, or one CG run on a block of columns, instead of G separate solves)."""
+        train = self._require_cache()
+        q = self.query_vectors(query)[0].to(train.dtype)
+        masks = group_masks(self.task, dtype=train.dtype, device=train.device)  # [G, d]
+        g, (m, d) = masks.shape[0], q.shape
+        stacked = (masks[:, None, :] * q[None]).reshape(g * m, d)
+        solved = self.solver.solve(stacked.T).T.reshape(g, m, d)
+        return torch.einsum("gmd,nd->mng", solved, train)
 
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """``H^-1 v`` for ``vectors: Tensor[k, d]`` (rows), with the cached solver."""

@@ -136,6 +136,10 @@ class RescaledInfluence(InfluenceFunction):
             )
         return q.to(train.dtype) @ train.T
 
+    def attribute_by_group(self, query: Batch) -> Tensor:
+        """Per-group contributions ``Tensor[m, n, G]``: the rows are solved already, no solve here."""
+        return Attributor.attribute_by_group(self, query)
+
 
 class NewtonStep(Attributor):
     """The Newton step for removing a set of records, with the dense exact Hessian (small models).
