@@ -178,8 +178,10 @@ class ObjectiveHessian:
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """The Gauss-Newton factors ``(J: Tensor[n, C, d], A: Tensor[n, C, C])``, built on first use;
-        None for the Hessian, or when J would exceed ``factor_bytes``."""
-        if self.output is None or self.output_loss is None:
+        None for the Hessian, above ``dense_dim`` parameters, or when J would exceed ``factor_bytes``."""
+        if self.output is None or self.output_loss is None or self.dim > self.dense_dim:
+            # beyond dense_dim a factored product (4 n C d flops a column) loses to autograd's
+            # (about 6 n d) once C > 1: measured on the digits MLP, 4,810 parameters, C = 10
             return None
         if self._factors is None:
             with torch.no_grad():
