@@ -126,11 +126,12 @@ def test_factored_gauss_newton_equals_the_autograd_products() -> None:
     model, train, _ = _indefinite()
     task = classification_task(model)
     curv: dict[str, Any] = {"output": per_record_logits(model), "output_loss": ce_of_logits}
-    fast = ObjectiveHessian(task, train, shift=0.1, dense_dim=0, **curv)
+    fast = ObjectiveHessian(task, train, shift=0.1, **curv)
     slow = ObjectiveHessian(task, train, shift=0.1, factor_bytes=0, dense_dim=0, **curv)
     assert fast.factors() is not None and slow.factors() is None
+    assert ObjectiveHessian(task, train, dense_dim=fast.dim - 1, **curv).factors() is None  # too big
     v = torch.randn(fast.dim, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(fast.matvec(v), slow.matvec(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast._product(v, None), slow.matvec(v), rtol=1e-10, atol=1e-12)
     options: list[dict[str, Any]] = [{"factor_bytes": 0}, {}]
     for kw in options:  # products through H built once, with and without factors
         built = ObjectiveHessian(task, train, shift=0.1, **kw, **curv)
