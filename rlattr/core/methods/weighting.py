@@ -81,6 +81,11 @@ class LearnedWeights(Attributor):
     def fit(self, queries: Batch) -> LearnedWeights:
         """Learn the weights from unlabelled ``queries`` (their loss / target gradients only)."""
         self._require_cache()
+        if len(self.task.group_names) < 2:  # one weight, normalised to 1: fitting would change nothing
+            raise RlattrError(
+                f"base: got a Task with one parameter group {self.task.group_names}; supported: a Task "
+                "with >= 2 groups (e.g. groups='tensor' to weight a layer's weight and bias apart)"
+            )
         contrib = self.base.attribute_by_group(queries).detach().double()
         n, g = contrib.shape[1], contrib.shape[2]
         k = self.top_k if self.top_k is not None else max(1, math.ceil(0.01 * n))
