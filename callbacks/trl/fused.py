@@ -14,12 +14,14 @@ a trainable parameter. This module teaches it what only the TRL side knows:
 Then :func:`pair_target` turns the held-out f_seq backward into a
 :class:`~rlattr.core.ghost.GhostTarget`, :func:`micro_batch_scores` scores the pairs of one
 captured training backward, and :func:`remove_rows` takes dropped pairs out of accumulated
-gradients (IIF by gradient surgery).
+gradients (IIF by gradient surgery). Trainable parameters of layers with no handler (say an
+RMSNorm, or any custom layer) go on a slow path instead (:func:`slow_row_grads`): one backward of
+TRL's own loss per pair, restricted to those parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,6 +279,8 @@ class PendingBatch:
     scores: Tensor = field(init=False)
     micro: list[tuple[Tensor, list[LayerRecord]]] = field(default_factory=list)
     current: tuple[Tensor, list[LayerRecord]] | None = None
+    current_inputs: dict[str, Any] | None = None  # the micro-batch, kept for the slow path
+    slow: dict[str, Tensor] = field(default_factory=dict)  # slow-path grads, Tensor[n_local, *shape]
     done: int = 0
 
     def __post_init__(self) -> None:
@@ -289,13 +293,15 @@ def remove_rows(
     micro: list[tuple[Tensor, list[LayerRecord]]],
     drop: Tensor,
     factor: float,
+    slow: dict[str, Tensor] | None = None,
 ) -> None:
     """``grad <- (grad - sum of the dropped pairs' contributions) * factor`` on every tracked parameter.
 
     ``micro``: the captured backwards of the accumulation window with their pair indices; ``drop``:
-    ``Tensor[n_local]`` bool; ``factor``: the loss normaliser of all pairs over that of the kept ones.
+    ``Tensor[n_local]`` bool; ``factor``: the loss normaliser of all pairs over that of the kept ones;
+    ``slow``: the slow-path parameters' per-pair contributions, ``Tensor[n_local, *shape]`` by name.
     """
-    removed: dict[str, Tensor] = {}
+    removed: dict[str, Tensor] = {name: g[drop.to(g.device)].sum(0) for name, g in (slow or {}).items()}
     for rows, records in micro:
         sel = drop[rows.cpu()]
         if bool(sel.any()):
@@ -309,6 +315,72 @@ def remove_rows(
         param.grad.mul_(factor)
 
 
+def slow_path_refusal(trainer: Any, loss_type: str) -> str:
+    """Why the per-row slow path cannot score ``trainer``'s settings (empty when it can).
+
+    It needs each pair's loss to be TRL's loss on that pair alone up to a known weight
+    (:func:`row_weights`), and loss calls without side effects beyond TRL's metrics.
+    """
+    why = []
+    if loss_type not in (*ROW_MEAN_LOSSES, *TOKEN_LOSSES):
+        why.append(f"loss_type {loss_type!r} (its per-pair weight is not known)")
+    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        why.append("an entropy mask (its quantile is over the whole batch)")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        why.append("an entropy bonus (its normaliser and adaptive coefficient change with every loss call)")
+    if getattr(trainer, "aux_loss_enabled", False):
+        why.append("an MoE aux loss (over the whole batch)")
+    if getattr(trainer.args, "use_liger_kernel", False):
+        why.append("use_liger_kernel")
+    return "; ".join(why)
+
+
+def row_weights(loss_type: str, inputs: dict[str, Any], ga_divisor: int) -> Tensor:
+    """``Tensor[B]``: w_i with (micro-batch loss) = sum_i w_i * (TRL's loss on row i alone).
+
+    Row-mean losses: ``1 / (B * ga_divisor)`` (``ga_divisor``: what the HF Trainer divides the loss
+    by, 1 where TRL scales for gradient accumulation itself); token losses normalised by
+    ``num_items_in_batch`` keep their normaliser alone: 1; bnpo: the row's share of the loss tokens.
+    """
+    mask = inputs["completion_mask"].float()
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"].float()
+    b = mask.shape[0]
+    if loss_type == "bnpo":  # normalised by the micro-batch's own loss tokens
+        return (mask.sum(1) / mask.sum().clamp(min=1.0)).double().cpu()
+    if loss_type in TOKEN_LOSSES:
+        return torch.ones(b, dtype=torch.float64)
+    return torch.full((b,), 1.0 / (b * ga_divisor), dtype=torch.float64)
+
+
+def slow_row_grads(
+    row_loss: Callable[[Tensor], Tensor], weights: Tensor, params: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``{name: Tensor[B, *shape]}``: ``w_i * grad_p L_i`` for the B rows, one backward per row.
+
+    ``row_loss(rows)``: TRL's loss on the rows where ``rows`` (``Tensor[B]`` bool) holds; ``weights``:
+    ``Tensor[B]`` (:func:`row_weights`); ``params``: the parameters (by name) to differentiate.
+    """
+    b = weights.numel()
+    out = {k: torch.zeros((b, *p.shape), dtype=torch.float64, device=p.device) for k, p in params.items()}
+    for i in range(b):
+        loss = row_loss(torch.arange(b) == i)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for k, g in zip(params, grads, strict=True):
+            if g is not None:
+                out[k][i] = g.double() * float(weights[i])
+    return out
+
+
+def slow_scores(grads: dict[str, Tensor], target: GhostTarget) -> Tensor:
+    """``Tensor[B]``: ``-<grad f_seq, w_i grad L_i>`` restricted to the slow-path parameters of ``grads``."""
+    total: Tensor | None = None
+    for k, g in grads.items():
+        part = g.reshape(g.shape[0], -1) @ target.direction[k].reshape(-1).to(g)
+        total = part if total is None else total + part
+    return -total.cpu() if total is not None else torch.zeros(0, dtype=torch.float64)
+
+
 __all__ = [
     "FusedHeadHandler",
     "PendingBatch",
@@ -318,5 +390,9 @@ __all__ = [
     "micro_batch_scores",
     "pair_target",
     "remove_rows",
+    "row_weights",
     "scoring_plan",
+    "slow_path_refusal",
+    "slow_row_grads",
+    "slow_scores",
 ]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,7 +50,11 @@ from rlattr.callbacks.trl.fused import (
     micro_batch_scores,
     pair_target,
     remove_rows,
+    row_weights,
     scoring_plan,
+    slow_path_refusal,
+    slow_row_grads,
+    slow_scores,
 )
 from rlattr.callbacks.trl.logs import AttributionLogger, run_info, top_bottom_rows
 from rlattr.core.ghost import GhostTarget
@@ -103,12 +108,7 @@ class AttributionMixin:
         _check_trainer(self)
         self._attr_plan = scoring_plan(self, attribution.drop)
         self._attr_capture = TrlCapture(self.accelerator.unwrap_model(self.model), self.temperature)
-        if self._attr_capture.uncovered:
-            raise RlattrError(
-                f"model: trainable parameters in layers without a gradient-capture handler: "
-                f"{self._attr_capture.uncovered[:5]}; supported: nn.Linear, nn.Embedding, nn.LayerNorm, "
-                "transformers Conv1D, peft LoRA (register others with rlattr.core.ghost.register_handler)"
-            )
+        self._attr_slow = self._slow_params()
         self._attr_direction: GhostTarget | None = None
         self._attr_pending: PendingBatch | None = None
         self._attr_round = 0
@@ -119,6 +119,52 @@ class AttributionMixin:
         )
         self.attribution_logger.bind(self)
         self.add_callback(self.attribution_logger)
+
+    def _slow_params(self) -> dict[str, Tensor]:
+        """Trainable parameters of layers without a handler: scored per row by autograd (warns once)."""
+        uncovered = set(self._attr_capture.uncovered)
+        if not uncovered:
+            return {}
+        modules = sorted({n.rpartition(".")[0] or "<model>" for n in uncovered})
+        why = slow_path_refusal(self, self._attr_plan.loss_type)
+        if why:
+            raise RlattrError(
+                f"model: trainable parameters in layers without a gradient-capture handler ({modules[:5]}) "
+                f"need the per-row autograd path, which cannot score {why}; supported: nn.Linear, "
+                "nn.Embedding, nn.LayerNorm, transformers Conv1D, peft LoRA, or a handler registered with "
+                "rlattr.core.ghost.register_handler"
+            )
+        warnings.warn(
+            f"attribution: no gradient-capture handler for modules {modules}; their parameters are scored "
+            "by a slow path that costs one extra forward and backward per pair (register a handler with "
+            "rlattr.core.ghost.register_handler to avoid it)",
+            stacklevel=3,
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        return {n: p for n, p in model.named_parameters() if n in uncovered}
+
+    def _slow_part(self, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Slow-path scores ``Tensor[B]`` of a micro-batch and its per-row gradients (by name).
+
+        Each row's loss is TRL's own ``compute_loss`` on that row alone (TRL's metrics and the global
+        RNG left as they were), weighted into the row's share of the micro-batch loss.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        base = super().compute_loss  # type: ignore[misc]
+        scaled = getattr(self, "loss_is_scaled_for_ga", False)
+        ga = 1 if scaled else int(self.current_gradient_accumulation_steps)
+        weights = row_weights(self._attr_plan.loss_type, inputs, ga)
+        device = self.accelerator.device
+        with (
+            _metrics_restored(self),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.enable_grad(),
+        ):
+            grads = slow_row_grads(
+                lambda rows: base(model, keep_rows(inputs, rows)), weights, self._attr_slow
+            )
+        assert self._attr_direction is not None
+        return slow_scores(grads, self._attr_direction), grads
 
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         out = super()._generate_and_score_completions(inputs)  # type: ignore[misc]
@@ -212,6 +258,8 @@ class AttributionMixin:
                     loss = loss / self.current_gradient_accumulation_steps
                 torch.autograd.grad(loss, params, allow_unused=True)
                 part = micro_batch_scores(self._attr_capture, records, direction)
+                if self._attr_slow:
+                    part = part + self._slow_part(keep_rows(out, rows))[0].to(part)
                 scores[start : start + size] = part.cpu().double()
         return (scores / self.accelerator.num_processes).float()
 
@@ -254,6 +302,7 @@ class AttributionMixin:
         with self._attr_capture.recording(rows=int(rows.numel())) as records:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
         pending.current = (rows, records)
+        pending.current_inputs = inputs if self._attr_slow else None
         return loss
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
@@ -269,8 +318,14 @@ class AttributionMixin:
         assert pending.current is not None and self._attr_direction is not None
         rows, records = pending.current
         pending.current = None
-        part = micro_batch_scores(self._attr_capture, records, self._attr_direction)
-        pending.scores[rows.cpu()] = part.cpu().double() / self.accelerator.num_processes
+        part = micro_batch_scores(self._attr_capture, records, self._attr_direction).cpu().double()
+        if self._attr_slow and pending.current_inputs is not None:
+            extra, grads = self._slow_part(pending.current_inputs)
+            part = part + extra
+            if pending.keep_records:
+                self._keep_slow_grads(pending, rows, grads)
+        pending.current_inputs = None
+        pending.scores[rows.cpu()] = part / self.accelerator.num_processes
         if pending.keep_records:
             pending.micro.append((rows, records))
         pending.done += 1
@@ -278,6 +333,14 @@ class AttributionMixin:
         if pending.done == pending.steps:  # the last micro-batch: before the optimizer step
             self._attr_pending = None
             self._finish_fused(pending)
+
+    @staticmethod
+    def _keep_slow_grads(pending: PendingBatch, rows: Tensor, grads: dict[str, Tensor]) -> None:
+        n = pending.scores.numel()
+        for k, g in grads.items():
+            if k not in pending.slow:
+                pending.slow[k] = g.new_zeros((n, *g.shape[1:]))
+            pending.slow[k][rows.to(g.device)] = g
 
     def _finish_fused(self, pending: PendingBatch) -> None:
         """Decide on the scored generation batch; IIF: take the dropped pairs out of the gradients."""
@@ -288,8 +351,9 @@ class AttributionMixin:
         if not bool(mine.all()):
             factor = kept_factor(self._attr_plan.loss_type, pending.out, mine)
             model = self.accelerator.unwrap_model(self.model)
-            remove_rows(self._attr_capture, model, pending.micro, ~mine, factor)
+            remove_rows(self._attr_capture, model, pending.micro, ~mine, factor, pending.slow)
         pending.micro.clear()
+        pending.slow.clear()
         seconds = pending.seconds + time.perf_counter() - t0
         self._record(pending.out, scores, keep, notes, seconds, pending.seconds_target)
 

@@ -22,7 +22,6 @@ from rlattr.callbacks.trl.trainer import (  # noqa: E402
     IIFRLOOTrainer,
     keep_rows,
 )
-from rlattr.errors import RlattrError  # noqa: E402
 from rlattr.rl.filtering import BottomFraction  # noqa: E402
 from tests.callbacks.trl.test_trainer import PROMPTS, TARGET, N, _generate, _grad, make  # noqa: E402
 
@@ -205,19 +204,3 @@ def test_plan_falls_back_and_refuses_clearly(tmp_path: Path) -> None:
     keep = torch.tensor([True, False, True])
     assert kept_factor("dapo", out, keep) == pytest.approx(6 / 5)
     assert kept_factor("grpo", out, keep) == pytest.approx(3 / 2)
-
-    import torch.nn as nn
-
-    from rlattr.testing.tiny_lm import char_tokenizer, tiny_gpt2
-
-    model = tiny_gpt2(char_tokenizer())
-    model.transformer.register_parameter("gate", nn.Parameter(torch.ones(1)))  # owned by no handled layer
-    with pytest.raises(RlattrError, match=r"model: trainable parameters .*transformer.gate.*supported"):
-        IIFGRPOTrainer(
-            model=model,
-            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-            args=make(IIFGRPOTrainer, tmp_path, AttributionConfig(TARGET)).args,
-            train_dataset=make(IIFGRPOTrainer, tmp_path, AttributionConfig(TARGET)).train_dataset,
-            processing_class=char_tokenizer(),
-            attribution=AttributionConfig(TARGET),
-        )
