@@ -34,7 +34,7 @@ from rlattr.errors import RlattrError
 from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
 from rlattr.rl.filtering import FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
 from rlattr.rl.records import RecordBatch
-from rlattr.rl.targets import ReturnTarget
+from rlattr.rl.targets import ReturnTarget, TargetSpec
 
 # Arrays that ``RolloutBuffer.get`` flattens env-major (``swap_and_flatten``) on first use.
 _FLATTENED_BY_GET = ("observations", "actions", "values", "log_probs", "advantages", "returns")
@@ -308,6 +308,8 @@ class IIFCallback(InfluenceCallback):
         compact the buffer again to what the rule keeps of them."""
         records, pos = self.last_records, self._kept_pos
         assert records is not None and pos is not None
+        target: TargetSpec
+        validation: RecordBatch | None
         if isinstance(self.target, ReturnTarget) and self.target.source == "buffer":
             # the target stays the return surrogate of the whole round, now at the current parameters
             target, validation = ReturnTarget(source="validation"), records
