@@ -57,18 +57,20 @@ class ArnoldiSolver(HessianSolver):
                 f"({float(lam[small].abs().min()):.3g}); take a smaller rank, or "
                 f"{damping_remedy(hessian.shift, float(lam[small].abs().min()))}"
             )
-        self.eigenvalues, self.eigenvectors = lam, q @ vec
+        self.eigenvalues, self.eigenvectors = lam.to(self.h.theta.dtype), (q @ vec).to(self.h.theta.dtype)
         self.iterations = q.shape[1]
 
     def _krylov(self, iters: int, seed: int) -> tuple[Tensor, Tensor]:
         """Orthonormal ``Q: Tensor[d, iters]`` and ``Q^T H Q: Tensor[iters, iters]``."""
         theta = self.h.theta
+        # the basis in float64 (where the device has it): a float32 Gram-Schmidt loses orthogonality
+        work = torch.float64 if theta.device.type != "mps" else theta.dtype
         gen = torch.Generator().manual_seed(seed)
-        v = torch.randn(self.h.dim, generator=gen, dtype=torch.float64).to(theta)
+        v = torch.randn(self.h.dim, generator=gen, dtype=torch.float64, device="cpu").to(theta.device, work)
         basis = [v / v.norm()]
         hq: list[Tensor] = []
         for _ in range(iters):
-            w = self.h.matvec(basis[-1][:, None])[:, 0]
+            w = self.h.matvec(basis[-1][:, None].to(theta.dtype))[:, 0].to(work)
             hq.append(w)
             if len(basis) == iters:
                 break
@@ -78,7 +80,9 @@ class ArnoldiSolver(HessianSolver):
             if float(w.norm()) <= 1e-10 * float(hq[-1].norm()):
                 # an invariant subspace (repeated eigenvalues, e.g. l2 on a null space): restart
                 # from a fresh random direction; Q^T H Q below stays exact, no longer tridiagonal
-                w = torch.randn(self.h.dim, generator=gen, dtype=torch.float64).to(theta)
+                w = torch.randn(self.h.dim, generator=gen, dtype=torch.float64, device="cpu").to(
+                    theta.device, work
+                )
                 for _ in range(2):
                     w = w - q @ (q.T @ w)
             basis.append(w / w.norm())
