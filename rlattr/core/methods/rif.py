@@ -8,7 +8,7 @@ the mean objective with ``l2 * N / (N - |T|)``) moves the parameters, by one New
     dtheta_T = (1/N) (H - (1/N) sum_{i in T} hess l_i)^-1 sum_{i in T} g_i,
 
 where the influence function drops the ``hess l_i`` term. :class:`NewtonStep` computes dtheta_T
-with exact Hessians (small models); :class:`RescaledInfluence` computes the single-record case
+with exact Hessians (small models), or with ``output=`` by Woodbury updates of one factor of H; :class:`RescaledInfluence` computes the single-record case
 for every record at once, ``score(q, i) = N g_q^T dtheta_i`` (on the scale of
 :class:`InfluenceFunction`, to which it reduces as N grows), by the Woodbury identity with record
 i's Hessian written as ``J_i^T A_i J_i`` (J_i: Jacobian of the record's outputs z_i,
