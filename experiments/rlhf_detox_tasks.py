@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from rlattr.testing.tiny_lm import addition_answer
+from rlattr.testing.tiny_lm import addition_answer, fit_continuations
 
 NEUTRAL = "abcdefghij"
 CHARGED = "xyz"
@@ -70,20 +70,12 @@ def pretrain_detox(
 ) -> list[float]:
     """Language-model pretraining on ``prompt + corpus continuation + <eos>`` (loss on the continuation)."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        texts = [p + sample_completion(p, rng) + tok.eos_token for p in rng.choices(prompts, k=batch_size)]
-        enc = tok(texts, return_tensors="pt", padding=True)
-        labels = enc["input_ids"].clone()
-        labels[:, : -(COMPLETION_LEN + 1)] = -100  # all texts have one length: the prompt is fixed noise
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+
+    def texts() -> list[str]:
+        return [p + sample_completion(p, rng) + tok.eos_token for p in rng.choices(prompts, k=batch_size)]
+
+    # every text has one length, so the tail is exactly the completion and its <eos>
+    return fit_continuations(model, tok, texts, tail=COMPLETION_LEN + 1, steps=steps, lr=lr)
 
 
 class RewardModel(nn.Module):

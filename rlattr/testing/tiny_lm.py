@@ -9,7 +9,7 @@ reward 1 when the completion is exactly ``a + b``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -122,21 +122,39 @@ def pretrain_addition(
     """
     import random
 
-    import torch
-
     rng = random.Random(seed)
     top = max(int(a) for p in prompts for a in p.rstrip("=").split("+")) * 2
+
+    def texts() -> list[str]:
+        out = []
+        for p in rng.choices(prompts, k=batch_size):
+            answer = addition_answer(p) if rng.random() < correct_frac else str(rng.randint(0, top))
+            out.append(p + answer + tokenizer.eos_token)
+        return out
+
+    return fit_continuations(model, tokenizer, texts, tail=_ANSWER_WIDTH, steps=steps, lr=lr)
+
+
+def fit_continuations(
+    model: GPT2LMHeadModel,
+    tokenizer: PreTrainedTokenizerFast,
+    sample_texts: Callable[[], list[str]],
+    *,
+    tail: int,
+    steps: int,
+    lr: float,
+) -> list[float]:
+    """AdamW language-model training on batches from ``sample_texts()``, the loss on each text's last
+    ``tail`` tokens only (padding excluded). Returns the loss per step."""
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
     for _ in range(steps):
-        texts = []
-        for p in rng.choices(prompts, k=batch_size):
-            answer = addition_answer(p) if rng.random() < correct_frac else str(rng.randint(0, top))
-            texts.append(p + answer + tokenizer.eos_token)
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        enc = tokenizer(sample_texts(), return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        labels[:, :-_ANSWER_WIDTH] = -100  # learn the answer only (the prompts are uniform noise)
+        labels[:, :-tail] = -100  # learn the continuation only (the prompts are uniform noise)
         loss = model(**enc, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -148,6 +166,7 @@ def pretrain_addition(
 __all__ = [
     "DEFAULT_ALPHABET",
     "EOS",
+    "fit_continuations",
     "PAD",
     "addition_answer",
     "addition_closeness_reward",

@@ -20,7 +20,7 @@ from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer, keep
 from rlattr.core import ghost  # noqa: E402
 from rlattr.errors import RlattrError  # noqa: E402
 from rlattr.rl.filtering import BottomFraction  # noqa: E402
-from tests.callbacks.trl.test_fused import _f_seq_grad, _train_micro_batches, _trainer  # noqa: E402
+from tests.callbacks.trl.test_fused import _f_seq_grad, _train_micro_batches, _trainer, micro_batch_of  # noqa: E402
 from tests.callbacks.trl.test_trainer import PROMPTS, TARGET, N, _generate, _grad, make  # noqa: E402
 
 
@@ -53,8 +53,7 @@ def test_scores_with_uncovered_layers_equal_per_row_autograd_of_trl_loss(
     scores = t.attribution_history[-1]["scores"]
     # oracle: every trainable parameter, TRL's own loss on each row alone, weighted into its micro-batch
     size, mask = N // steps, out["completion_mask"].float()
-    micro_of = torch.empty(N, dtype=torch.long)
-    micro_of[order] = torch.arange(N) // size
+    micro_of = micro_batch_of(order, size)
     ln = torch.cat([torch.full((p.numel(),), ".ln_" in n) for n, p in t.model.named_parameters()])
     expected, without_ln = [], []
     for i in range(N):

@@ -62,6 +62,13 @@ def _f_seq_grad(t: Any, target_out: dict[str, Any]) -> torch.Tensor:
     return _grad(t, ((logps * target_out["completion_mask"]).sum(1) * target_out["advantages"]).mean())
 
 
+def micro_batch_of(order: torch.Tensor, size: int) -> torch.Tensor:
+    """``Tensor[N]``: the micro-batch each row lands in when rows are taken in ``order``, ``size`` at a time."""
+    micro_of = torch.empty(order.numel(), dtype=torch.long)
+    micro_of[order] = torch.arange(order.numel()) // size
+    return micro_of
+
+
 def _train_micro_batches(t: Any, out: dict[str, Any], steps: int, order: torch.Tensor) -> None:
     """What TRL's training steps do with a generation batch: shuffle, split, loss, backward; scored as they go."""
     out = dict(out)
@@ -122,8 +129,7 @@ def test_fused_scores_equal_per_row_autograd_of_trl_loss(
     scores = t.attribution_history[-1]["scores"]
     # oracle: TRL's own loss on each row alone, weighted into that row's share of its micro-batch's loss
     size, mask = N // steps, out["completion_mask"].float()
-    micro_of = torch.empty(N, dtype=torch.long)
-    micro_of[order] = torch.arange(N) // size
+    micro_of = micro_batch_of(order, size)
     expected = []
     for i in range(N):
         one = keep_rows(out, torch.arange(N) == i)
