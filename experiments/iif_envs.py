@@ -5,7 +5,9 @@ Methods: ``ppo`` (standard SB3 PPO), ``iif`` (IIFCallback, neg-bottom p), ``rand
 (IIFCallback with a random drop of as many records as neg-bottom would drop), and the variants
 beyond the paper: ``iif-val`` (neg-bottom p scored against ``iif.validation_steps`` fresh
 transitions from a separate env, ``score_on="validation"``), ``iif-adaptive`` (``drop="adaptive"``
-with ``iif.f``, default 0.5) and ``iif-epoch`` (neg-bottom p, re-scored at every epoch).
+with ``iif.f``, default 0.5), ``iif-adaptive-<f>`` (the same at the fraction ``f`` named in the
+arm, so that arms at different f keep separate run files) and ``iif-epoch`` (neg-bottom p,
+re-scored at every epoch).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from rlattr.callbacks.sb3.iif import IIFCallback
 
 METHODS = ("ppo", "iif", "random", "iif-val", "iif-adaptive", "iif-epoch")
+ADAPTIVE = "iif-adaptive-"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
@@ -210,15 +213,67 @@ def rollout_curve(rollout: list[float]) -> list[float]:
     return values.tolist()
 
 
+def tail_stats(scores: torch.Tensor) -> dict[str, float]:
+    """How concentrated one round's negative scores are (``scores``: ``Tensor[n]``).
+
+    ``neg_fraction``: share of records scoring below 0; ``top10_share``: share of the negative mass
+    (sum of the negative scores) in the most negative 10 % of the negatives; ``m50`` / ``m90``: the
+    fraction of the negatives, most negative first, that carries 50 % / 90 % of that mass (what the
+    adaptive rule at f = 0.5 / 0.9 drops, before ``min_keep``).
+    """
+    s = scores.detach().double().flatten()
+    neg = torch.sort(s[s < 0]).values
+    if neg.numel() == 0:
+        return {"neg_fraction": 0.0, "top10_share": float("nan"), "m50": 0.0, "m90": 0.0}
+    mass = torch.cumsum(neg, 0) / neg.sum()
+    k10 = max(1, int(round(0.1 * neg.numel())))
+    return {
+        "neg_fraction": neg.numel() / s.numel(),
+        "top10_share": float(mass[k10 - 1]),
+        "m50": (int((mass < 0.5).sum()) + 1) / neg.numel(),
+        "m90": (int((mass < 0.9).sum()) + 1) / neg.numel(),
+    }
+
+
+class StudyIIF(IIFCallback):
+    """IIFCallback that also keeps :func:`tail_stats` of every round's first scores (``tails``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tails: list[dict[str, float]] = []
+
+    def _on_round_scored(self, records: Any, scores: Any) -> None:
+        if scores.scores.dim() == 1:
+            self.tails.append(tail_stats(scores.scores))
+        super()._on_round_scored(records, scores)
+
+
+def adaptive_f(cfg: dict[str, Any], method: str) -> float | None:
+    """The fraction f of an adaptive arm (``iif-adaptive-<f>``, or ``iif.f`` for ``iif-adaptive``);
+    None for the other arms. Raises ValueError naming the method when it is no study arm."""
+    if method.startswith(ADAPTIVE):
+        try:
+            f = float(method[len(ADAPTIVE) :])
+        except ValueError:
+            f = float("nan")
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"method: got {method!r}; supported: {METHODS} or '{ADAPTIVE}<f>', 0 < f <= 1")
+        return f
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}; supported: {METHODS} or '{ADAPTIVE}<f>', 0 < f <= 1")
+    return float(cfg["iif"].get("f", 0.5)) if method == "iif-adaptive" else None
+
+
 def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
     """The IIFCallback of one study arm."""
     settings = cfg["iif"]
+    f = adaptive_f(cfg, method)
     kwargs: dict[str, Any] = dict(settings.get("callback", {}))
     p = float(settings["p"])
     if method == "random":
-        return IIFCallback(drop="random", p=p, seed=seed, **kwargs)
-    if method == "iif-adaptive":
-        return IIFCallback(drop="adaptive", rule_kwargs={"f": float(settings.get("f", 0.5))}, **kwargs)
+        return StudyIIF(drop="random", p=p, seed=seed, **kwargs)
+    if f is not None:
+        return StudyIIF(drop="adaptive", rule_kwargs={"f": f}, **kwargs)
     if method == "iif-val":
         # a separate env, seeded apart from training, whose transitions are never trained on
         val_env = DummyVecEnv([env_factory(cfg)])
@@ -227,20 +282,19 @@ def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
         kwargs.update(score_on="validation", validation_env=val_env, validation_steps=steps)
     if method == "iif-epoch":
         kwargs["rescore"] = "epoch"
-    return IIFCallback(drop="neg-bottom", p=p, seed=seed, **kwargs)
+    return StudyIIF(drop="neg-bottom", p=p, seed=seed, **kwargs)
 
 
 def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     """Train one (method, seed) run for ``cfg["rounds"]`` rounds; returns its curves and timings."""
-    if method not in METHODS:
-        raise ValueError(f"method: got {method!r}; supported: {METHODS}")
+    f = adaptive_f(cfg, method)
     torch.set_num_threads(1)
     model = build_model(cfg, seed)
     episodes = int(cfg["eval"]["episodes"])
     eval_env = DummyVecEnv([env_factory(cfg)] * max(1, min(episodes, int(cfg["eval"]["n_envs"]))))
     curves = LearningCurveCallback(eval_env, episodes, seed, log_every=cfg.get("log_every", 10))
     callbacks: list[BaseCallback] = [curves]
-    iif = None
+    iif: IIFCallback | None = None
     if method != "ppo":
         iif = _iif_callback(cfg, method, seed)
         callbacks.insert(0, iif)
@@ -267,4 +321,7 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
         "kept_fraction": [h["kept_fraction"] for h in history],
         "score_seconds": [h["seconds"] for h in (iif.history if iif is not None else [])],
         "min_keep_notes": sum(1 for h in history if h["note"]),
+        "n_dropped": [h["n_records"] - h["n_kept"] for h in history],
+        "score_tails": iif.tails if isinstance(iif, StudyIIF) else [],
+        "adaptive_f": f,
     }

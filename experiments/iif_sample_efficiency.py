@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from iif_envs import METHODS, OPTIMIZERS, run_one  # noqa: E402
+from iif_envs import ADAPTIVE, METHODS, OPTIMIZERS, adaptive_f, run_one  # noqa: E402
 
 from rlattr.core.store import atomic_write_bytes, save_json  # noqa: E402
 from rlattr.eval.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
@@ -113,6 +113,12 @@ def run_study(cfg: dict[str, Any], out: Path, seeds: list[int], methods: list[st
             print(f"[{cfg['name']}] finished {m} seed {s}", flush=True)
 
 
+def _ordered(methods: list[str] | dict[str, Any]) -> list[str]:
+    """Study arms in table order: METHODS first, then the ``iif-adaptive-<f>`` arms by f."""
+    extra = sorted((m for m in methods if m not in METHODS), key=lambda m: float(m[len(ADAPTIVE) :]))
+    return [m for m in METHODS if m in methods] + extra
+
+
 def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray:
     n = min(len(r[key]) for r in runs)
     return np.array([r[key][:n] for r in runs], dtype=float)
@@ -189,6 +195,12 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
             entry["efficiency_vs_ppo"] = compare(group, runs["ppo"], metric)
             window = int(metric.get("smooth", 5))
             entry["efficiency_vs_ppo_smoothed"] = compare(group, runs["ppo"], metric, smooth=window)
+        if method not in ("ppo", "iif") and "iif" in runs:
+            # the variant against the paper's IIF on their common seeds (paired bootstrap)
+            entry["efficiency_vs_iif"] = compare(group, runs["iif"], metric)
+        tails = [t for r in group for t in r.get("score_tails", [])]
+        if tails:
+            entry["score_tails_mean"] = {k: float(np.nanmean([t[k] for t in tails])) for k in tails[0]}
         results["methods"][method] = entry
     results["noise_floor"] = noise_floor(base, n_levels=int(metric.get("n_levels", 20)))
     results["provenance"] = provenance()
@@ -218,9 +230,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, cfg: dict[str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        if method not in runs:
-            continue
+    for method in _ordered(runs):
         band = mean_and_band(_stack(runs[method], "curve"))
         x = np.arange(1, band.shape[1] + 1)
         ax.plot(x, band[0], label=f"{method} ({len(runs[method])} seeds)")
@@ -249,7 +259,8 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
     ]
     for res in all_results:
         paper = " / ".join(PAPER.get(res["env_id"], ("-", "-", "-")))
-        rows = [(m, k) for m in METHODS[1:] for k in ("efficiency_vs_ppo", "efficiency_vs_ppo_smoothed")]
+        keys = ("efficiency_vs_ppo", "efficiency_vs_ppo_smoothed", "efficiency_vs_iif")
+        rows = [(m, k) for m in _ordered(res["methods"]) if m != "ppo" for k in keys]
         for method, key in rows:
             entry = res["methods"].get(method)
             if entry is None or key not in entry:
@@ -258,6 +269,8 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
             label = (
                 method if eff.get("smooth", 1) == 1 else f"{method}, curves smoothed ({eff['smooth']} rounds)"
             )
+            if key == "efficiency_vs_iif":
+                label = f"{method} **vs iif** (paired, not vs PPO)"
             rt = _fmt(eff["rt_peak"]) + (" (cpu)" if eff["timing"] == "cpu" else "")
             if eff["timing"] == "none":
                 rt = "n/a (not run beside PPO)"
@@ -276,7 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("configs", nargs="+", type=Path, help="configs/iif/*.yaml")
     ap.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--methods", default="ppo,iif,random", help=f"comma-separated subset of {METHODS}")
+    ap.add_argument(
+        "--methods",
+        default="ppo,iif,random",
+        help=f"comma-separated subset of {METHODS}, or {ADAPTIVE}<f> (the adaptive rule at fraction f)",
+    )
     ap.add_argument(
         "--workers",
         type=int,
@@ -291,7 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table", type=Path, help="also write one Markdown table over all configs here")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = []
+    for m in methods:
+        try:
+            adaptive_f({"iif": {}}, m)
+        except ValueError:
+            bad.append(m)
     if bad or args.seeds < 1 or args.workers < 1:
         ap.error(f"--methods {bad} not in {METHODS}, or --seeds/--workers < 1")
     overrides = {"rounds": args.rounds, "n_steps": args.n_steps, "episodes": args.episodes}
