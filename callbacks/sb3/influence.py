@@ -107,7 +107,8 @@ class InfluenceCallback(BaseCallback):
         keep_rounds: keep the folders (scores included) of at most this many recent scored rounds;
             older ones are deleted, their summaries stay in ``rounds.jsonl`` (``None``: keep all).
         tensorboard: write ``attr/*`` TensorBoard events.
-        image_every: log the score-vs-advantage image every this many scored rounds.
+        image_every: log the score-vs-advantage image every this many scored rounds, the first
+            after ``image_every`` of them (so a shorter run never imports matplotlib).
         validation_env: a separate VecEnv for ``ReturnTarget(source="validation")``.
         validation_steps: steps per environment collected from ``validation_env`` per round.
         probe_states: behaviour-formation probes: ``m`` (take m evenly spaced (state, action) pairs
@@ -407,6 +408,12 @@ class InfluenceCallback(BaseCallback):
             extra["probe_actions"] = self.last_probe["probe_actions"]
         return self._snapshots.write_round(records, scores, theta, summary, extra)
 
+    def _image_due(self) -> bool:
+        """Whether this scored round gets the score-vs-advantage image: the image_every-th, 2 *
+        image_every-th, ... scored round. Not round 0: a run shorter than image_every rounds never
+        imports matplotlib nor draws a figure (about 70 % of the callback's one-off start-up)."""
+        return (self.n_scored + 1) % self.image_every == 0
+
     def _record_round(self, scores: RoundScores) -> None:
         records = self.last_records
         assert records is not None
@@ -427,7 +434,7 @@ class InfluenceCallback(BaseCallback):
             except OSError as err:
                 self._stop_output("snapshots", err)
         if self._writer is not None and "TensorBoard events" not in self._outputs_off:
-            image = self.n_scored % self.image_every == 0
+            image = self._image_due()
             try:
                 self._writer.log_round(
                     self.model.num_timesteps, records, scores, summary, self.top_k, image=image

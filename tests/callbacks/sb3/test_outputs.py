@@ -90,7 +90,7 @@ def test_retention_keeps_every_kth_and_last_n(tmp_path) -> None:
 
 
 def test_tensorboard_events_carry_attr_tags(tmp_path) -> None:
-    _, cb = _learn(tmp_path, rounds=3, image_every=2, probe_states=3, by_group=True)
+    _, cb = _learn(tmp_path, rounds=4, image_every=2, probe_states=3, by_group=True)
     acc = EventAccumulator(str(cb.run_dir), size_guidance={"tensors": 0, "images": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -107,13 +107,22 @@ def test_tensorboard_events_carry_attr_tags(tmp_path) -> None:
     assert any(t.startswith("attr/top_bottom") for t in tags["tensors"])
     pos = [e.value for e in acc.Scalars("attr/positive_fraction")]
     assert pos == pytest.approx([h["positive_fraction"] for h in cb.history], abs=1e-6)
-    assert [e.step for e in acc.Scalars("attr/seconds")] == [32, 64, 96]
-    assert len(acc.Images("attr/score_vs_advantage")) == 2  # rounds 0 and 2
+    assert [e.step for e in acc.Scalars("attr/seconds")] == [32, 64, 96, 128]
+    # the image_every-th scored rounds (1 and 3), never round 0
+    assert [e.step for e in acc.Images("attr/score_vs_advantage")] == [64, 128]
     by_group = _scores(cb).by_group
     assert by_group is not None
     parts = by_group.abs().sum(0)
     share = [acc.Scalars(f"attr/layer_share/{g}")[-1].value for g in _scores(cb).group_names]
     assert share == pytest.approx((parts / parts.sum()).tolist(), abs=1e-6)
+
+
+def test_a_run_shorter_than_image_every_draws_no_image(tmp_path) -> None:
+    _, cb = _learn(tmp_path, rounds=2, image_every=3)
+    acc = EventAccumulator(str(cb.run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("attr/seconds")] == [32, 64]  # both rounds were logged
+    assert acc.Tags()["images"] == []
 
 
 def test_a_second_run_refuses_to_overwrite(tmp_path) -> None:
