@@ -71,7 +71,7 @@ def average_duplicates(records: RecordBatch, scores: Tensor, *, max_features: in
     _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
     if int(counts.max()) == 1:
         return scores
-    sums = torch.zeros(*scores.shape[:-1], counts.shape[0], dtype=scores.dtype)
+    sums = torch.zeros(*scores.shape[:-1], counts.shape[0], dtype=scores.dtype, device=scores.device)
     sums.index_add_(scores.dim() - 1, inverse, scores)
     return (sums / counts.to(scores.dtype))[..., inverse]
 

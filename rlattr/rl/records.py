@@ -165,8 +165,8 @@ class RecordBatch:
             name = "actions" if isinstance(observations, dict) else "observations"
             raise RlattrError(f"{name}: expected (n_steps, n_envs, ...), got shape {tuple(lead.shape)}")
         n_steps, n_envs = lead.shape[:2]
-        steps = torch.arange(n_steps).repeat_interleave(n_envs)
-        envs = torch.arange(n_envs).repeat(n_steps)
+        steps = torch.arange(n_steps, device=lead.device).repeat_interleave(n_envs)
+        envs = torch.arange(n_envs, device=lead.device).repeat(n_steps)
         ids = torch.stack([torch.full_like(steps, int(round_index)), steps, envs], dim=1)
 
         def flat(x: Tensor, name: str) -> Tensor:
@@ -250,7 +250,7 @@ class RecordBatch:
             if key not in lookup:
                 raise MissingError(f"ids: no record with id (round, step, env) = {key}")
             out.append(lookup[key])
-        return torch.tensor(out, dtype=torch.int64)
+        return torch.tensor(out, dtype=torch.int64, device=self.ids.device)
 
 
 def format_id(rid: RecordId | Tensor) -> str:

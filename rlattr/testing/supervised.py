@@ -110,7 +110,7 @@ def train_classifier(
     anything else with ``steps`` full-batch Adam steps (default 500, lr 1e-2). Deterministic.
     """
     n = x.shape[0]
-    w = torch.ones(n, dtype=x.dtype) if weights is None else weights.to(x.dtype)
+    w = torch.ones(n, dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
     if w.shape != (n,) or (w < 0).any() or w.sum() <= 0:
         raise RlattrError(
             f"weights: expected Tensor[{n}] >= 0 with a positive sum, got shape {tuple(w.shape)}"
@@ -175,7 +175,7 @@ def per_record_margin(model: nn.Module) -> Callable[[Params, Batch], Tensor]:
         z = functional_call(model, params, (batch["x"],))
         y = batch["y"]
         correct = z.gather(1, y[:, None]).squeeze(1)
-        others = z.masked_fill(torch.arange(z.shape[1]) == y[:, None], float("-inf"))
+        others = z.masked_fill(torch.arange(z.shape[1], device=z.device) == y[:, None], float("-inf"))
         return correct - torch.logsumexp(others, dim=1)
 
     return margin
