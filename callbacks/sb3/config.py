@@ -8,9 +8,11 @@ Example (``configs/cartpole.yaml``)::
     total_timesteps: 20480
     ppo: {n_steps: 2048, batch_size: 64, n_epochs: 10}
     callback: {target: return, probe_states: 4}
+    iif: {drop: neg-bottom, p: 0.5}   # optional: filter with IIFCallback instead of only observing
 
-The PPO and callback sections are checked against the signatures of ``stable_baselines3.PPO`` and
-:class:`rlattr.callbacks.sb3.InfluenceCallback` by the SB3 adapter (this module imports no SB3).
+The PPO, callback and iif sections are checked against the signatures of ``stable_baselines3.PPO``,
+:class:`rlattr.callbacks.sb3.InfluenceCallback` and :class:`rlattr.callbacks.sb3.IIFCallback` by
+the SB3 adapter (this module imports no SB3).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class TrainConfig:
         policy: the SB3 policy name (``MlpPolicy``, ``CnnPolicy``, ``MultiInputPolicy``).
         ppo: keyword arguments of ``stable_baselines3.PPO``.
         callback: keyword arguments of ``InfluenceCallback``.
+        iif: ``None`` (observe only) or the filtering arguments of ``IIFCallback`` (``drop``, ``p``,
+            ``rule_kwargs``, ``score_on``, ``rescore``, ...; ``{}`` is the paper's IIF): the run then
+            trains with IIFCallback, the ``callback`` section giving its InfluenceCallback arguments.
         runs_dir: the folder that holds the run folders.
         torch_threads: ``torch.set_num_threads`` (``None``: leave torch's default).
         checkpoint_every: save the model (``checkpoint.safetensors``, ``model.zip``) every this many rounds.
@@ -88,6 +93,7 @@ class TrainConfig:
     policy: str = "MlpPolicy"
     ppo: dict[str, Any] = field(default_factory=dict)
     callback: dict[str, Any] = field(default_factory=dict)
+    iif: dict[str, Any] | None = None
     runs_dir: str = "runs"
     torch_threads: int | None = None
     checkpoint_every: int = 1
@@ -111,6 +117,8 @@ class TrainConfig:
         for name in ("env_kwargs", "ppo", "callback"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name}: expected a mapping, got {type(getattr(self, name)).__name__}")
+        if self.iif is not None and not isinstance(self.iif, dict):
+            raise ConfigError(f"iif: got {self.iif!r}; supported: a mapping of IIFCallback arguments or null")
         self.torch_threads = whole_number(self.torch_threads)
         if self.torch_threads is not None and (
             not isinstance(self.torch_threads, int)

@@ -1,4 +1,5 @@
-"""``rlattr train``: PPO with InfluenceCallback from a :class:`~rlattr.callbacks.sb3.config.TrainConfig`.
+"""``rlattr train``: PPO with InfluenceCallback from a :class:`~rlattr.callbacks.sb3.config.TrainConfig`
+(with IIFCallback, which filters each round's buffer, when the config has an ``iif`` section).
 
 The run folder ``{runs_dir}/{env}__{exp}__{seed}__{time}`` holds SB3's TensorBoard events, the
 ``attr/*`` events, the snapshots (``rlattr/``), ``config.yaml`` (the resolved config) and
@@ -28,6 +29,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from rlattr.callbacks.sb3.checkpoint import CHECKPOINT, Checkpointer, restore_checkpoint
 from rlattr.callbacks.sb3.config import ConfigError, TrainConfig, load_config, whole_number
+from rlattr.callbacks.sb3.iif import IIFCallback
 from rlattr.callbacks.sb3.influence import InfluenceCallback
 from rlattr.callbacks.sb3.policy import check_model
 from rlattr.core.store import atomic_write_bytes, load_json, save_json
@@ -49,9 +51,12 @@ def _check_kwargs(section: str, given: dict[str, Any], fn: Any, reserved: tuple[
 
 
 def check_config(config: TrainConfig) -> None:
-    """Check the ``ppo`` and ``callback`` sections against PPO's and InfluenceCallback's signatures."""
+    """Check the ``ppo``, ``callback`` and ``iif`` sections against the signatures of PPO,
+    InfluenceCallback and IIFCallback (its own filtering arguments)."""
     _check_kwargs("ppo", config.ppo, PPO.__init__, _PPO_RESERVED)
     _check_kwargs("callback", config.callback, InfluenceCallback.__init__)
+    if config.iif is not None:
+        _check_kwargs("iif", config.iif, IIFCallback.__init__)
     if "policy_kwargs" in config.ppo and not isinstance(config.ppo["policy_kwargs"], dict):
         raise ConfigError("ppo.policy_kwargs: expected a mapping")
 
@@ -166,12 +171,31 @@ def set_run_logger(model: PPO, run_dir: Path) -> None:
     model.set_logger(configure(str(run_dir), formats))
 
 
+# the validation env of iif.score_on "validation": seeded apart from the training envs
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
 def build_callback(config: TrainConfig, run_dir: Path) -> InfluenceCallback:
+    """InfluenceCallback, or IIFCallback when the config has an ``iif`` section (with
+    ``score_on: validation``, a one-env validation VecEnv of the same env seeded apart)."""
+    # rl-zoo3-style configs write counts as floats (1e3): whole numbers are ints here too
+    kwargs = {k: whole_number(v) for k, v in config.callback.items()}
+    if config.iif is None:
+        try:
+            return InfluenceCallback(log_dir=run_dir, **kwargs)
+        except (RlattrError, TypeError) as err:
+            raise ConfigError(f"callback.{err}") from err
+    iif = {k: whole_number(v) for k, v in config.iif.items()}
+    if iif.get("score_on") == "validation" and "validation_env" not in kwargs:
+        kwargs["validation_env"] = make_vec_env(
+            config.env_id, n_envs=1, seed=config.seed + VALIDATION_SEED_OFFSET, env_kwargs=config.env_kwargs
+        )
     try:
-        # rl-zoo3-style configs write counts as floats (1e3): whole numbers are ints here too
-        return InfluenceCallback(log_dir=run_dir, **{k: whole_number(v) for k, v in config.callback.items()})
+        return IIFCallback(log_dir=run_dir, **iif, **kwargs)
     except (RlattrError, TypeError) as err:
-        raise ConfigError(f"callback.{err}") from err
+        if "validation_env" in kwargs:
+            kwargs["validation_env"].close()
+        raise ConfigError(f"iif.{err}") from err
 
 
 def _write_run_info(run_dir: Path, config: TrainConfig, argv: list[str] | None, **extra: Any) -> None:
@@ -249,6 +273,13 @@ def resume(run_dir: str | Path, *, progress_bar: bool = True, argv: list[str] | 
     return _learn(model, callback, config, run_dir, remaining, argv, progress_bar, reset=False)
 
 
+def _filter_info(callback: InfluenceCallback) -> dict[str, Any]:
+    """IIF's per-round kept fractions for run_info.json (nothing for an observe-only run)."""
+    if not isinstance(callback, IIFCallback):
+        return {}
+    return {"iif_kept_fraction": [h["kept_fraction"] for h in callback.filter_history]}
+
+
 def _learn(
     model: PPO,
     callback: InfluenceCallback,
@@ -284,6 +315,7 @@ def _learn(
             train_seconds=time.perf_counter() - start,
             attribution_seconds=sum(h["seconds"] for h in callback.history),
             rounds_scored=len(callback.history),
+            **_filter_info(callback),
         )
     except OSError as err:  # the training is done and saved (or warned about): do not fail it now
         warnings.warn(f"rlattr train: could not update run_info.json ({err})", UserWarning, stacklevel=2)
