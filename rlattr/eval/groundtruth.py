@@ -4,7 +4,8 @@ Retraining is the caller's: ``retrain(weights, seed) -> params`` trains with per
 (``Tensor[n]``, 0 drops a record; e.g. :func:`rlattr.testing.supervised.train_classifier`) and
 ``evaluate(params) -> Tensor[m]`` measures the queries (their losses, margins ...). This module
 decides *what* to retrain, runs the jobs (in up to ``processes`` forked worker processes, one torch
-thread each) and, given ``out_dir``, stores every finished job as its own file through
+thread each, or through an ``executor`` such as :class:`rlattr.scale.RayExecutor`, which runs them
+as Ray tasks) and, given ``out_dir``, stores every finished job as its own file through
 :mod:`rlattr.core.store`, so an interrupted run resumes where it stopped. ``out_dir`` also holds
 ``manifest.json`` with the configuration; a folder holding another configuration is refused.
 
@@ -22,7 +23,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,6 +36,17 @@ from rlattr.progress import progress_bar
 Retrain = Callable[[Tensor, int], Params]
 Evaluate = Callable[[Params], Tensor]
 _JOB: Callable[[int], Tensor] | None = None
+_T = TypeVar("_T")
+
+
+class JobExecutor(Protocol):
+    """Runs independent jobs elsewhere (e.g. :class:`rlattr.scale.RayExecutor`, as Ray tasks).
+
+    ``map(job, todo)`` yields ``(j, job(j))`` for every j of ``todo``, in any order, as jobs
+    finish; ``job`` must be picklable (cloudpickle: closures are fine).
+    """
+
+    def map(self, job: Callable[[int], _T], todo: Sequence[int]) -> Iterator[tuple[int, _T]]: ...
 
 
 def subset_masks(n: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
@@ -91,17 +103,27 @@ def _check_manifest(out_dir: Path, config: dict[str, Any]) -> None:
         save_json(path, config)
 
 
-def run_jobs(
+def collect_jobs(
     job: Callable[[int], Tensor],
     count: int,
     *,
     out_dir: str | os.PathLike[str] | None = None,
     config: dict[str, Any] | None = None,
     processes: int = 1,
-) -> Tensor:
-    """``Tensor[count, ...]``: ``job(j)`` for every j, resuming from (and saving to) ``out_dir``."""
+    executor: JobExecutor | None = None,
+    extra: Callable[[int], dict[str, Tensor]] | None = None,
+    description: str = "ground-truth retraining",
+) -> list[Tensor]:
+    """``[job(j) for j in range(count)]``, resuming from (and saving to) ``out_dir``.
+
+    Jobs run in this process, in ``processes`` forked workers, or through ``executor`` (one of the
+    two). Each finished job is stored as ``job_{j:05d}.safetensors`` (key ``"value"``, plus the
+    tensors ``extra(j)`` returns) as soon as it arrives, so a killed run redoes only unfinished jobs.
+    """
     if processes < 1:
         raise RlattrError(f"processes: must be >= 1, got {processes}")
+    if executor is not None and processes > 1:
+        raise RlattrError(f"processes: got {processes} together with an executor; supported: one of the two")
     results: dict[int, Tensor] = {}
     folder = Path(out_dir) if out_dir is not None else None
     if folder is not None:
@@ -112,14 +134,31 @@ def run_jobs(
             if path.exists():
                 results[j] = load_tensors(path)[0]["value"]
     todo = [j for j in range(count) if j not in results]
+    finished = executor.map(job, todo) if executor is not None else _map_jobs(job, todo, processes)
     # retrainings take minutes: a bar on stderr when it is a terminal
-    with progress_bar("ground-truth retraining", len(todo)) as advance:
-        for j, value in _map_jobs(job, todo, processes):
+    with progress_bar(description, len(todo)) as advance:
+        for j, value in finished:
             results[j] = value.detach().cpu()
             if folder is not None:
-                save_tensors(folder / f"job_{j:05d}.safetensors", {"value": results[j]}, {"index": j})
+                tensors = {"value": results[j], **(extra(j) if extra is not None else {})}
+                save_tensors(folder / f"job_{j:05d}.safetensors", tensors, {"index": j})
             advance()
-    return torch.stack([results[j] for j in range(count)])
+    return [results[j] for j in range(count)]
+
+
+def run_jobs(
+    job: Callable[[int], Tensor],
+    count: int,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    config: dict[str, Any] | None = None,
+    processes: int = 1,
+    executor: JobExecutor | None = None,
+) -> Tensor:
+    """``Tensor[count, ...]``: ``job(j)`` for every j, resuming from (and saving to) ``out_dir``
+    (see :func:`collect_jobs`)."""
+    values = collect_jobs(job, count, out_dir=out_dir, config=config, processes=processes, executor=executor)
+    return torch.stack(values)
 
 
 def _digest(t: Tensor) -> str:
@@ -137,6 +176,7 @@ def leave_one_out(
     out_dir: str | os.PathLike[str] | None = None,
     config: dict[str, Any] | None = None,
     processes: int = 1,
+    executor: JobExecutor | None = None,
 ) -> Tensor:
     """``Tensor[len(indices), m]``: ``evaluate(retrain(w_{-i}, seed)) - baseline``.
 
@@ -153,7 +193,7 @@ def leave_one_out(
         return evaluate(retrain(w, seed)).detach()
 
     cfg = {"kind": "loo", "n": n, "indices": idx, "seed": seed, **(config or {})}
-    values = run_jobs(job, len(idx), out_dir=out_dir, config=cfg, processes=processes)
+    values = run_jobs(job, len(idx), out_dir=out_dir, config=cfg, processes=processes, executor=executor)
     base = evaluate(retrain(torch.ones(n), seed)).detach() if baseline is None else baseline
     return values - base.reshape(1, -1)
 
@@ -167,6 +207,7 @@ def subset_retraining(
     out_dir: str | os.PathLike[str] | None = None,
     config: dict[str, Any] | None = None,
     processes: int = 1,
+    executor: JobExecutor | None = None,
 ) -> Tensor:
     """``Tensor[M, m]``: ``evaluate(retrain(mask_s, seed + s))`` for each subset (row of ``masks``)."""
     if masks.dim() != 2 or masks.dtype != torch.bool or not bool(masks.any(1).all()):
@@ -184,7 +225,7 @@ def subset_retraining(
         "seed": seed,
         **(config or {}),
     }
-    return run_jobs(job, masks.shape[0], out_dir=out_dir, config=cfg, processes=processes)
+    return run_jobs(job, masks.shape[0], out_dir=out_dir, config=cfg, processes=processes, executor=executor)
 
 
 def final_model_gold(
@@ -197,6 +238,7 @@ def final_model_gold(
     out_dir: str | os.PathLike[str] | None = None,
     config: dict[str, Any] | None = None,
     processes: int = 1,
+    executor: JobExecutor | None = None,
 ) -> Tensor:
     """``Tensor[len(indices), m]``: ``mean_seed [evaluate(ft(w_{-i}, s)) - evaluate(ft(ones, s))]``.
 
@@ -220,9 +262,19 @@ def final_model_gold(
         return evaluate(further_train(w, s)).detach()
 
     cfg = {"kind": "final_model", "n": n, "indices": idx, "seeds": seeds, **(config or {})}
-    values = run_jobs(job, len(arms) * len(seeds), out_dir=out_dir, config=cfg, processes=processes)
+    values = run_jobs(
+        job, len(arms) * len(seeds), out_dir=out_dir, config=cfg, processes=processes, executor=executor
+    )
     values = values.reshape(len(arms), len(seeds), -1)
     return (values[1:] - values[:1]).mean(1)
 
 
-__all__ = ["final_model_gold", "leave_one_out", "run_jobs", "subset_masks", "subset_retraining"]
+__all__ = [
+    "JobExecutor",
+    "collect_jobs",
+    "final_model_gold",
+    "leave_one_out",
+    "run_jobs",
+    "subset_masks",
+    "subset_retraining",
+]

@@ -1,0 +1,122 @@
+"""Independent jobs as Ray tasks: the one place rlattr imports ``ray`` (an optional extra).
+
+:class:`RayExecutor` implements :class:`rlattr.eval.groundtruth.JobExecutor`: ``map(job, todo)``
+ships ``job`` (cloudpickled once, through Ray's object store) to at most ``workers`` tasks in
+flight and yields ``(j, job(j))`` as they finish. Each task pins torch to ``threads`` threads, so a
+job computes the same floats in the same order as in a one-thread process: results are bit for
+bit those of the single-process path. Ray is started on first use when it is not running yet
+(``ray.init(address=...)``: a cluster's head, or a local instance when ``address`` is None).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, TypeVar
+
+import torch
+
+from rlattr.errors import RlattrError, check_int
+
+_T = TypeVar("_T")
+_INSTALL = 'pip install "rlattr[ray]"'
+
+
+def require_ray() -> ModuleType:
+    """The ``ray`` module, or an :class:`RlattrError` saying how to install it."""
+    try:
+        import ray
+    except ImportError as err:
+        raise RlattrError(
+            f"ray: got no importable ray package ({err}); supported: Ray 2.x, installed with {_INSTALL}"
+        ) from err
+    return ray
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _run_job(job: Callable[[int], Any], j: int, threads: int) -> tuple[int, Any, int, int]:
+    """Inside the Ray task: ``(j, job(j), pid, peak RSS bytes of this worker process)``."""
+    torch.set_num_threads(threads)
+    value = job(j)
+    return j, value, os.getpid(), _peak_rss_bytes()
+
+
+@dataclass
+class RayExecutor:
+    """Runs jobs as Ray tasks, ``workers`` at a time.
+
+    Args:
+        workers: tasks in flight at once (each reserves ``cpus_per_task`` of Ray's CPUs).
+        threads: torch threads inside each task (1 keeps the sums in the single-process order).
+        address: passed to ``ray.init`` when Ray is not initialised yet (``"auto"``, ``"ray://..."``,
+            or None for a local instance).
+        cpus_per_task: Ray's ``num_cpus`` per task.
+
+    After a ``map``, ``peak_rss`` maps each worker process id that ran a task to the highest
+    peak resident memory (bytes) it reported, and ``tasks`` counts the tasks run.
+    """
+
+    workers: int = 2
+    threads: int = 1
+    address: str | None = None
+    cpus_per_task: float = 1.0
+    peak_rss: dict[int, int] = field(default_factory=dict)
+    tasks: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("workers", self.workers)
+        check_int("threads", self.threads)
+        if isinstance(self.cpus_per_task, bool) or not (
+            isinstance(self.cpus_per_task, int | float) and self.cpus_per_task > 0
+        ):
+            raise RlattrError(f"cpus_per_task: got {self.cpus_per_task!r}; supported: a number > 0")
+        if self.address is not None and not isinstance(self.address, str):
+            raise RlattrError(f"address: got {self.address!r}; supported: None or a str for ray.init")
+
+    def _remote(self) -> Any:
+        ray = require_ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        return ray, ray.remote(num_cpus=self.cpus_per_task)(_run_job)
+
+    def map(self, job: Callable[[int], _T], todo: Sequence[int]) -> Iterator[tuple[int, _T]]:
+        """Yield ``(j, job(j))`` for every j of ``todo`` as the Ray tasks finish (any order)."""
+        todo = list(todo)
+        if not todo:
+            return
+        ray, remote = self._remote()
+        job_ref = ray.put(job)
+        pending: list[Any] = []
+        queue = iter(todo)
+
+        def submit() -> None:
+            j = next(queue, None)
+            if j is not None:
+                pending.append(remote.remote(job_ref, j, self.threads))
+
+        for _ in range(self.workers):
+            submit()
+        try:
+            while pending:
+                done, _ = ray.wait(pending, num_returns=1)
+                pending.remove(done[0])
+                j, value, pid, rss = ray.get(done[0])
+                self.peak_rss[pid] = max(rss, self.peak_rss.get(pid, 0))
+                self.tasks += 1
+                submit()
+                yield j, value
+        finally:  # the caller stopped early (an error, a KeyboardInterrupt): do not leave tasks running
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+
+__all__ = ["RayExecutor", "require_ray"]
