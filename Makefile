@@ -9,8 +9,10 @@ EXTRAS ?= sb3,trl,dev
 STAMP := $(VENV)/.installed
 # the experiments' environments (Box2D for LunarLander, MiniGrid, highway-env): bench, validity, studies
 ENVS_STAMP := $(VENV)/.installed-envs
+# Ray (the optional extra behind rlattr.scale): make test installs it so that its tests run, not skip
+RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: demo test lint bench validity tda install install-envs clean
+.PHONY: demo test lint bench bench-scale validity tda install install-envs install-ray clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +29,18 @@ $(ENVS_STAMP): $(STAMP)
 
 install: $(STAMP)
 
+$(RAY_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[$(EXTRAS),ray]"
+	touch $(RAY_STAMP)
+
 install-envs: $(ENVS_STAMP)
+
+install-ray: $(RAY_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m rlattr.cli demo
 
-test: $(STAMP)
+test: $(RAY_STAMP)
 	$(PY) -m pytest tests
 
 # mypy through .ci/typecheck.py, which checks callbacks/ under its installed name rlattr.callbacks
@@ -53,6 +61,11 @@ validity: $(ENVS_STAMP)
 # Offline TDA benchmark on digits (LOO, LDS, wall-clock per method); about 25 minutes on 2 cores.
 tda: $(STAMP)
 	$(PY) experiments/tda_benchmark.py
+
+# Sharded featurisation and LDS ground truth on Ray, 1 and 2 workers against one process (issue 18);
+# about 25 minutes on 2 idle cores. Results: docs/results/scale.json, quoted in docs/results/scale.md.
+bench-scale: $(RAY_STAMP)
+	$(PY) experiments/bench_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
