@@ -53,6 +53,7 @@ lint: $(STAMP)
 bench: $(ENVS_STAMP)
 	$(PY) experiments/bench_grads.py
 	$(PY) experiments/bench_sb3_attribution.py
+	$(PY) experiments/bench_snapshots.py
 
 # Local LDS of RL scorers against retraining (issue 7); about 20 minutes on one core.
 validity: $(ENVS_STAMP)
