@@ -1,0 +1,224 @@
+"""Ray against one process: sharded featurisation and LDS ground truth, 1 and 2 workers (issue 18).
+
+Two data sets, both under the 64-64-10 tanh MLP of :mod:`rlattr.testing.supervised` (4,810
+parameters, float32): the digits split (1,000 training records) and a 50,000-record synthetic set
+(64 Gaussian features, labels from a random teacher MLP). For each:
+
+* featurisation: ``GradDot(task, projector=RandomProjection(d, --proj-dim)).cache(train)`` in this
+  process (today's path), against :func:`rlattr.scale.sharded_cache` with a
+  :class:`rlattr.scale.RayExecutor` of 1 and of 2 workers;
+* LDS ground truth: :func:`rlattr.eval.groundtruth.subset_retraining` of ``--subsets`` half
+  subsets in this process, in 2 forked processes (today's parallel path) and on Ray (1, 2 workers).
+
+Torch runs one thread everywhere (this process and every task), so results must be bit-identical;
+each timing is the median of ``--repeats`` after one untimed warm-up call. Ray is started once and its two worker processes are
+warmed up (torch imported) before any timing: the start-up is reported on its own. Ray's workers
+run at niceness 0 here, as this process does (Ray's default is 15). Take the
+timings with both cores free of other benchmarks:
+
+    flock /tmp/rlattr-bench.lock .venv/bin/python experiments/bench_scale.py --json docs/results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlattr.core.methods.similarity import GradDot
+from rlattr.core.projection import RandomProjection
+from rlattr.core.store import save_json
+from rlattr.eval.groundtruth import subset_masks, subset_retraining
+from rlattr.provenance import provenance
+from rlattr.scale import RayExecutor, require_ray, sharded_cache
+from rlattr.testing.supervised import classification_task, load_digits_split, make_model, train_classifier
+
+
+def digits() -> dict[str, Tensor]:
+    data = load_digits_split(1000, seed=0)
+    return {"x": data.x_train, "y": data.y_train}
+
+
+def synthetic(n: int, seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 64, generator=g)
+    teacher = make_model("mlp", seed=seed + 1)
+    with torch.no_grad():
+        y = (teacher(x) + 0.5 * torch.randn(n, 10, generator=g)).argmax(1)
+    return {"x": x, "y": y}
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+    """Median wall-clock of ``repeats`` calls after one untimed warm-up call (vmap tracing, caches)."""
+    fn()
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, out
+
+
+def mib(rss: dict[int, int]) -> list[float]:
+    return sorted(round(v / 2**20, 1) for v in rss.values())
+
+
+def bench_features(train: dict[str, Tensor], args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    task = classification_task(model)
+    proj = RandomProjection(task.num_params, args.proj_dim, seed=0)
+    n = train["y"].shape[0]
+    shard = max(args.chunk, (n // args.shards) // args.chunk * args.chunk)
+
+    def single() -> Tensor:
+        return GradDot(task, projector=proj, chunk_size=args.chunk).cache(train)._require_cache()
+
+    row: dict[str, Any] = {"n": n, "params": task.num_params, "proj_dim": args.proj_dim, "shard_size": shard}
+    med, times, ref = timed(single, args.repeats)
+    row["single"] = {"median_s": med, "times_s": times}
+    ray = require_ray()
+    shipped = len(ray.cloudpickle.dumps((GradDot(task, projector=proj, chunk_size=args.chunk), train)))
+    row["bytes_to_each_task"] = shipped
+    row["bytes_back_per_shard"] = shard * args.proj_dim * 4
+    row["shards"] = -(-n // shard)
+    for workers in (1, 2):
+        ex = RayExecutor(workers=workers)
+
+        def on_ray(ex: RayExecutor = ex) -> Tensor:
+            a = GradDot(task, projector=proj, chunk_size=args.chunk)
+            return sharded_cache(a, train, shard_size=shard, executor=ex)._require_cache()
+
+        med, times, got = timed(on_ray, args.repeats)
+        row[f"ray_{workers}"] = {
+            "median_s": med,
+            "times_s": times,
+            "identical": bool(torch.equal(got, ref)),
+            "worker_peak_rss_mib": mib(ex.peak_rss),
+        }
+    return row
+
+
+def bench_lds(train: dict[str, Tensor], args: argparse.Namespace, steps: int) -> dict[str, Any]:
+    x, y = train["x"], train["y"]
+    xq, yq = x[:50], y[:50]
+
+    def retrain(weights: Tensor, seed: int) -> Any:
+        return train_classifier(make_model("mlp", seed=seed), x, y, weights=weights, steps=steps)
+
+    def evaluate(model: Any) -> Tensor:
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(xq), yq, reduction="none")
+
+    masks = subset_masks(x.shape[0], args.subsets, seed=0)
+    row: dict[str, Any] = {"n": x.shape[0], "subsets": args.subsets, "adam_steps": steps}
+    med, times, ref = timed(lambda: subset_retraining(retrain, evaluate, masks), args.repeats)
+    row["single"] = {"median_s": med, "times_s": times}
+    ray = require_ray()
+    row["bytes_to_each_task"] = len(ray.cloudpickle.dumps((retrain, evaluate, masks)))
+    row["bytes_back_per_job"] = 50 * 4
+    med, times, got = timed(lambda: subset_retraining(retrain, evaluate, masks, processes=2), args.repeats)
+    row["fork_2"] = {"median_s": med, "times_s": times, "identical": bool(torch.equal(got, ref))}
+    for workers in (1, 2):
+        ex = RayExecutor(workers=workers)
+
+        def on_ray(ex: RayExecutor = ex) -> Tensor:
+            return subset_retraining(retrain, evaluate, masks, executor=ex)
+
+        med, times, got = timed(on_ray, args.repeats)
+        row[f"ray_{workers}"] = {
+            "median_s": med,
+            "times_s": times,
+            "identical": bool(torch.equal(got, ref)),
+            "worker_peak_rss_mib": mib(ex.peak_rss),
+        }
+    return row
+
+
+def start_ray() -> dict[str, float]:
+    ray = require_ray()
+    # Ray starts its workers at niceness 15; the single-process path runs at 0, and on a shared
+    # machine a niced worker yields its core to every other job: time both at the same priority
+    os.environ["RAY_worker_niceness"] = "0"
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - start
+    start = time.perf_counter()
+    # two concurrent tasks that import torch start (and keep) both worker processes
+    list(RayExecutor(workers=2).map(lambda j: torch.zeros(1) + j, [0, 1]))
+    return {"ray_init_s": init_s, "first_tasks_s": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--synthetic-n", type=int, default=50_000)
+    parser.add_argument("--proj-dim", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--shards", type=int, default=16, help="shards per data set (about)")
+    parser.add_argument("--subsets", type=int, default=6)
+    parser.add_argument("--digits-steps", type=int, default=300)
+    parser.add_argument("--synthetic-steps", type=int, default=10)
+    parser.add_argument("--only", choices=["features", "lds", "all"], default="all")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {"config": vars(args), "provenance": provenance(), "cpus": os.cpu_count()}
+    results["startup"] = start_ray()
+    results["loadavg_before"] = os.getloadavg()
+    sets = {"digits": digits(), "synthetic": synthetic(args.synthetic_n)}
+    model = make_model("mlp", seed=0)
+    for name, train in sets.items():
+        if args.only in ("features", "all"):
+            results[f"features_{name}"] = row = bench_features(train, args, model)
+            print(f"features {name}: " + _line(row), flush=True)
+        if args.only in ("lds", "all"):
+            steps = args.digits_steps if name == "digits" else args.synthetic_steps
+            results[f"lds_{name}"] = row = bench_lds(train, args, steps)
+            print(f"lds {name}: " + _line(row), flush=True)
+    results["loadavg_after"] = os.getloadavg()
+    results["worker_niceness"] = os.environ["RAY_worker_niceness"]
+    if args.json:
+        save_json(args.json, results)
+    print(markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results table of docs/results/scale.md: medians, ratios to one process, identical?"""
+    lines = [
+        "| stage | records | one process | 2 forked processes | Ray, 1 worker | Ray, 2 workers | identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in ("features_digits", "features_synthetic", "lds_digits", "lds_synthetic"):
+        if key not in results:
+            continue
+        row, cells = results[key], []
+        base = row["single"]["median_s"]
+        for col in ("fork_2", "ray_1", "ray_2"):
+            r = row.get(col)
+            cells.append(f"{r['median_s']:.2f} s ({base / r['median_s']:.2f}x)" if r else "-")
+        same = all(row[c]["identical"] for c in ("fork_2", "ray_1", "ray_2") if c in row)
+        lines.append(
+            f"| {key.replace('_', ' ')} | {row['n']:,} | {base:.2f} s | " + " | ".join(cells) + f" | {same} |"
+        )
+    return "\n".join(lines)
+
+
+def _line(row: dict[str, Any]) -> str:
+    base = row["single"]["median_s"]
+    parts = [f"single {base:.2f}s"]
+    for key in ("fork_2", "ray_1", "ray_2"):
+        if key in row:
+            r = row[key]
+            parts.append(
+                f"{key} {r['median_s']:.2f}s (x{base / r['median_s']:.2f}, identical={r['identical']})"
+            )
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
