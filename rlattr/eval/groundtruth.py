@@ -43,10 +43,14 @@ class JobExecutor(Protocol):
     """Runs independent jobs elsewhere (e.g. :class:`rlattr.scale.RayExecutor`, as Ray tasks).
 
     ``map(job, todo)`` yields ``(j, job(j))`` for every j of ``todo``, in any order, as jobs
-    finish; ``job`` must be picklable (cloudpickle: closures are fine).
+    finish; ``job`` must be picklable (cloudpickle: closures are fine). With ``payload``, job j
+    is called as ``job(j, payload(j))`` and only its own payload (e.g. its shard of the records)
+    travels with it, while ``job`` itself is shipped once.
     """
 
-    def map(self, job: Callable[[int], _T], todo: Sequence[int]) -> Iterator[tuple[int, _T]]: ...
+    def map(
+        self, job: Callable[..., _T], todo: Sequence[int], payload: Callable[[int], Any] | None = None
+    ) -> Iterator[tuple[int, _T]]: ...
 
 
 def subset_masks(n: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
@@ -104,7 +108,7 @@ def _check_manifest(out_dir: Path, config: dict[str, Any]) -> None:
 
 
 def collect_jobs(
-    job: Callable[[int], Tensor],
+    job: Callable[..., Tensor],
     count: int,
     *,
     out_dir: str | os.PathLike[str] | None = None,
@@ -112,9 +116,11 @@ def collect_jobs(
     processes: int = 1,
     executor: JobExecutor | None = None,
     extra: Callable[[int], dict[str, Tensor]] | None = None,
+    payload: Callable[[int], Any] | None = None,
     description: str = "ground-truth retraining",
 ) -> list[Tensor]:
-    """``[job(j) for j in range(count)]``, resuming from (and saving to) ``out_dir``.
+    """``[job(j) for j in range(count)]`` (``job(j, payload(j))`` with ``payload``), resuming
+    from (and saving to) ``out_dir``.
 
     Jobs run in this process, in ``processes`` forked workers, or through ``executor`` (one of the
     two). Each finished job is stored as ``job_{j:05d}.safetensors`` (key ``"value"``, plus the
@@ -134,7 +140,11 @@ def collect_jobs(
             if path.exists():
                 results[j] = load_tensors(path)[0]["value"]
     todo = [j for j in range(count) if j not in results]
-    finished = executor.map(job, todo) if executor is not None else _map_jobs(job, todo, processes)
+    if executor is not None:
+        finished = executor.map(job, todo, payload)
+    else:
+        local = job if payload is None else (lambda j: job(j, payload(j)))
+        finished = _map_jobs(local, todo, processes)
     # retrainings take minutes: a bar on stderr when it is a terminal
     with progress_bar(description, len(todo)) as advance:
         for j, value in finished:

@@ -43,10 +43,10 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _run_job(job: Callable[[int], Any], j: int, threads: int) -> tuple[int, Any, int, int]:
-    """Inside the Ray task: ``(j, job(j), pid, peak RSS bytes of this worker process)``."""
+def _run_job(job: Callable[..., Any], j: int, threads: int, *payload: Any) -> tuple[int, Any, int, int]:
+    """Inside the Ray task: ``(j, job(j, *payload), pid, peak RSS bytes of this worker process)``."""
     torch.set_num_threads(threads)
-    value = job(j)
+    value = job(j, *payload)
     return j, value, os.getpid(), _peak_rss_bytes()
 
 
@@ -88,8 +88,12 @@ class RayExecutor:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         return ray, ray.remote(num_cpus=self.cpus_per_task)(_run_job)
 
-    def map(self, job: Callable[[int], _T], todo: Sequence[int]) -> Iterator[tuple[int, _T]]:
-        """Yield ``(j, job(j))`` for every j of ``todo`` as the Ray tasks finish (any order)."""
+    def map(
+        self, job: Callable[..., _T], todo: Sequence[int], payload: Callable[[int], Any] | None = None
+    ) -> Iterator[tuple[int, _T]]:
+        """Yield ``(j, job(j))`` (``job(j, payload(j))``) for every j of ``todo`` as the Ray tasks
+        finish (any order). ``job`` goes to the object store once; ``payload(j)`` is computed here
+        when task j is submitted and shipped with it alone."""
         todo = list(todo)
         if not todo:
             return
@@ -101,7 +105,8 @@ class RayExecutor:
         def submit() -> None:
             j = next(queue, None)
             if j is not None:
-                pending.append(remote.remote(job_ref, j, self.threads))
+                extra = () if payload is None else (payload(j),)
+                pending.append(remote.remote(job_ref, j, self.threads, *extra))
 
         for _ in range(self.workers):
             submit()

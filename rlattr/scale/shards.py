@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, flatten, iter_per_record_grads, slice_batch
 from rlattr.core.methods.base import Attributor, batch_signature
@@ -107,6 +108,11 @@ def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
 
 
+def own_slice(batch: Batch, start: int, stop: int) -> Batch:
+    """Records ``[start, stop)`` as tensors of their own (a pickled view would carry the whole storage)."""
+    return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, slice_batch(batch, start, stop))
+
+
 def _params_digest(specs: list[FeatureSpec]) -> str:
     h = hashlib.sha256()
     for ftask, params, proj in specs:
@@ -152,11 +158,10 @@ def sharded_cache(
         shape = tuple(record_ids.shape) if isinstance(record_ids, Tensor) else type(record_ids).__name__
         raise RlattrError(f"ids: got {shape}; supported: a Tensor[{n}] of record ids")
     bounds = shard_bounds(n, shard_size)
-    chunk = attributor.chunk_size
+    task, chunk = attributor.task, attributor.chunk_size
 
-    def job(j: int) -> Tensor:
-        part = slice_batch(train, *bounds[j])
-        return torch.stack([featurise(attributor.task, part, spec, chunk) for spec in specs])
+    def job(j: int, part: Batch) -> Tensor:  # ships the Task and projections, not the records
+        return torch.stack([featurise(task, part, spec, chunk) for spec in specs])
 
     config = {
         "kind": "features",
@@ -174,6 +179,7 @@ def sharded_cache(
         config=config,
         executor=executor,
         extra=lambda j: {"ids": record_ids[bounds[j][0] : bounds[j][1]]},
+        payload=lambda j: own_slice(train, *bounds[j]),
         description="featurising shards",
     )
     feats = [torch.cat([s[c] for s in shards]) for c in range(len(specs))]
@@ -203,9 +209,9 @@ def attribute_blocks(
     m = batch_size(query)
     bounds = shard_bounds(m, block_size)
 
-    def job(b: int) -> Tensor:
+    def job(b: int, block: Batch) -> Tensor:  # the cached attributor ships once, each block alone
         lo, hi = bounds[b]
-        scores = attributor.attribute(slice_batch(query, lo, hi))
+        scores = attributor.attribute(block)
         if scores.shape[0] != hi - lo:
             raise RlattrError(
                 f"query: the attributor gives {scores.shape[0]} rows for {hi - lo} query records; "
@@ -213,15 +219,14 @@ def attribute_blocks(
             )
         return scores
 
+    def block(b: int) -> Batch:
+        return own_slice(query, *bounds[b])
+
+    todo = range(len(bounds))
     finished = (
-        executor.map(job, range(len(bounds))) if executor is not None else _in_process(job, len(bounds))
+        executor.map(job, todo, block) if executor is not None else ((b, job(b, block(b))) for b in todo)
     )
     return _gather(finished, bounds, m, out)
-
-
-def _in_process(job: Callable[[int], Tensor], count: int) -> Any:
-    for b in range(count):
-        yield b, job(b)
 
 
 def _gather(finished: Any, bounds: Sequence[tuple[int, int]], m: int, out: Any) -> Tensor:
@@ -248,4 +253,4 @@ def _gather(finished: Any, bounds: Sequence[tuple[int, int]], m: int, out: Any) 
     return torch.from_numpy(np.load(Path(out), mmap_mode="r+"))
 
 
-__all__ = ["FeatureSpec", "attribute_blocks", "featurise", "shard_bounds", "sharded_cache"]
+__all__ = ["FeatureSpec", "attribute_blocks", "featurise", "own_slice", "shard_bounds", "sharded_cache"]

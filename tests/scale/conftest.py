@@ -1,4 +1,4 @@
-"""One local Ray instance for every Ray test of this folder (starting Ray costs seconds)."""
+"""One local Ray instance for every Ray test of this folder (starting Ray costs seconds), shut down after it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 _REASON = 'ray is not installed (the optional extra: pip install "rlattr[ray]"); make test installs it'
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # shut down when tests/scale is done
 def ray_local() -> Iterator[ModuleType]:
     """``ray``, initialised with 2 CPUs; torch on one thread here, as in every Ray task, so that
     the single-process reference computes its sums in the same order."""

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from rlattr.errors import MissingError, RlattrError
-from rlattr.eval.groundtruth import leave_one_out, subset_masks, subset_retraining
+from rlattr.eval.groundtruth import collect_jobs, leave_one_out, subset_masks, subset_retraining
 from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
 from rlattr.rl.ppo import PolicyOutput, PPOLossConfig
 from rlattr.rl.records import RecordBatch
 from rlattr.rl.snapshots import SnapshotWriter, load_run
 from rlattr.rl.targets import ReturnTarget
 from rlattr.scale import RayExecutor, require_ray, same_scores, score_run
+from rlattr.scale.shards import own_slice
 from rlattr.testing.supervised import make_model, train_classifier
 
 N = 40
@@ -47,6 +48,24 @@ def test_ground_truth_on_ray_equals_single_process(ray_local) -> None:
     )
     loo = leave_one_out(retrain, evaluate, N, [0, 7, 9], executor=RayExecutor(workers=1))
     assert torch.equal(loo, leave_one_out(retrain, evaluate, N, [0, 7, 9]))
+
+
+def test_payloads_reach_their_job_alone_in_process_forked_and_on_ray(ray_local) -> None:
+    data = {"x": torch.arange(20.0).reshape(10, 2)}
+
+    def job(j: int, part: dict[str, torch.Tensor]) -> torch.Tensor:
+        # the shard arrives as its own storage: 2 records x 2 floats, not the 10 x 2 of the batch
+        assert part["x"].untyped_storage().nbytes() == 2 * 2 * 4
+        return part["x"].sum(0) * (j + 1)
+
+    expected = [data["x"][2 * j : 2 * j + 2].sum(0) * (j + 1) for j in range(5)]
+
+    def payload(j: int) -> dict[str, torch.Tensor]:
+        return own_slice(data, 2 * j, 2 * j + 2)
+
+    for kwargs in ({}, {"processes": 2}, {"executor": RayExecutor(workers=2)}):
+        got = collect_jobs(job, 5, payload=payload, **kwargs)  # type: ignore[arg-type]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), kwargs
 
 
 def test_a_killed_ground_truth_run_on_ray_resumes_job_by_job(ray_local, tmp_path: Path) -> None:
