@@ -28,6 +28,8 @@ TargetFn = Callable[[Params, Batch], Tensor]
 ParamSelector = Sequence[str] | str | Callable[[str, nn.Parameter], bool] | None
 GroupSpec = Literal["module", "tensor", "all"] | Callable[[str], str] | Mapping[str, str]
 
+L2Spec = float | Mapping[str, float] | Callable[[str], float]
+
 TARGET_GOALS = ("lower", "raise")
 
 
@@ -153,6 +155,37 @@ class Task:
             return self.tracked_params()
         self.check_params(params)
         return {n: params[n].detach() for n in self.tracked_names}
+
+    def l2_coefficients(self, l2: L2Spec, what: str = "l2") -> float | dict[str, float]:
+        """The L2 coefficient of every tracked parameter: ``l2`` itself for a number (one for all);
+        for a mapping (every tracked name -> coefficient) or a callable (name -> coefficient), the
+        dict ``{tracked name: coefficient}``, or the common number when they are all equal. Raises an
+        RlattrError naming ``what`` for a negative or non-finite coefficient or a mapping that misses
+        (or adds) names."""
+        supported = "a finite number >= 0, a mapping from every tracked parameter name to one, or a callable name -> one"
+        if isinstance(l2, Mapping):
+            missing = [n for n in self.tracked_names if n not in l2]
+            extra = [n for n in l2 if n not in self.tracked_names]
+            if missing or extra:
+                raise RlattrError(
+                    f"{what}: got a mapping missing tracked parameter(s) {missing} and with unknown name(s) "
+                    f"{extra}; supported: {supported}"
+                )
+            coefs = {n: l2[n] for n in self.tracked_names}
+        elif callable(l2):
+            coefs = {n: l2(n) for n in self.tracked_names}
+        else:
+            coefs = {n: l2 for n in self.tracked_names}
+        for name, value in coefs.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
+            ):
+                where = f" for {name!r}" if isinstance(l2, Mapping) or callable(l2) else ""
+                raise RlattrError(f"{what}: got {value!r}{where}; supported: {supported}")
+        values = set(float(v) for v in coefs.values())
+        return values.pop() if len(values) == 1 else {n: float(v) for n, v in coefs.items()}
 
     def target_sign(self) -> float:
         """-1 for a target to raise, +1 for a loss to lower: ``g_q = sign * grad target``."""

@@ -29,7 +29,7 @@ def lr() -> Problem:
 def test_table_names_and_options() -> None:
     assert sorted(STRATEGIES) == ["arnoldi", "cg", "ekfac", "explicit", "lissa"]
     assert strategy_options("explicit") == ["block", "rtol"]
-    assert strategy_options("cg") == ["max_iter", "tol"]
+    assert strategy_options("cg") == ["max_iter", "tol", "precondition"]
     assert strategy_options("lissa") == ["depth", "scale", "batch_size", "repeats", "seed"]
     assert strategy_options("ekfac") == ["fisher_loss"]  # chunk_size comes from the spec
     assert strategy_options("arnoldi") == ["rank", "iterations", "seed", "rtol"]

@@ -141,6 +141,7 @@ class EKFACSolver:
     """
 
     gauss_newton: ClassVar[bool] = False  # its curvature is the Fisher of fisher_loss, never output's
+    per_parameter_shift: ClassVar[bool] = False  # one shift for every eigenvalue: a float l2 only
 
     @classmethod
     def from_spec(cls, spec: CurvatureSpec, **options: Any) -> Self:
@@ -149,6 +150,11 @@ class EKFACSolver:
             raise RlattrError(
                 "output, output_loss: got a Gauss-Newton curvature for strategy 'ekfac', which uses the "
                 "Fisher of fisher_loss; supported with strategies 'explicit', 'cg', 'lissa'"
+            )
+        if isinstance(spec.shift, Tensor):
+            raise RlattrError(
+                "l2: got a per-parameter l2 for strategy 'ekfac', which adds one shift to every eigenvalue "
+                "of its Kronecker eigenbasis; supported: a float"
             )
         return cls(spec.task, spec.batch, shift=spec.shift, chunk_size=spec.chunk_size, **options)
 

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from rlattr.core.methods.base import Attributor, group_masks, query_grads
-from rlattr.core.methods.hessian import CurvatureSpec
+from rlattr.core.methods.hessian import CurvatureSpec, l2_shift
 from rlattr.core.methods.solvers import Solver, build_solver, check_strategy
-from rlattr.core.task import Batch, Task
+from rlattr.core.task import Batch, L2Spec, Task
 from rlattr.errors import RlattrError
 
 
@@ -41,7 +41,10 @@ class InfluenceFunction(Attributor):
             query records) gives ``g_q``.
         strategy: a key of :data:`~rlattr.core.methods.solvers.STRATEGIES`: ``"explicit"``,
             ``"cg"``, ``"lissa"``, ``"ekfac"`` or ``"arnoldi"``.
-        l2: the L2 coefficient of the training objective (``(l2 / 2) ||theta||^2``); part of H.
+        l2: the L2 coefficient of the training objective (``(l2 / 2) ||theta||^2``); part of H. A
+            float, or per parameter (e.g. weight decay on weights only): a mapping from every tracked
+            parameter name to its coefficient, or a callable ``name -> coefficient`` (the objective is
+            then ``sum_p (l2_p / 2) ||theta_p||^2``; every strategy but ``"ekfac"``).
         damping: extra numerical damping added to H's diagonal.
         hessian_data: records to estimate H on (default: the cached training records).
         output, output_loss: ``(params, batch) -> Tensor[n, C]`` and ``(z, batch) -> Tensor[n]``:
@@ -56,7 +59,7 @@ class InfluenceFunction(Attributor):
         task: Task,
         *,
         strategy: str = "explicit",
-        l2: float = 0.0,
+        l2: L2Spec = 0.0,
         damping: float = 0.0,
         hessian_data: Batch | None = None,
         output: Callable[..., Tensor] | None = None,
@@ -67,16 +70,18 @@ class InfluenceFunction(Attributor):
         super().__init__(task, chunk_size=chunk_size)
         if (output is None) != (output_loss is None):
             raise RlattrError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
-        for name, value in (("l2", l2), ("damping", damping)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0 <= value < float("inf")
-            ):
-                raise RlattrError(f"{name}: got {value!r}; supported: a finite number >= 0")
-        check_strategy(strategy, options, gauss_newton=output is not None)
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float))
+            or not 0 <= damping < float("inf")
+        ):
+            raise RlattrError(f"damping: got {damping!r}; supported: a finite number >= 0")
+        coefs = task.l2_coefficients(l2)
+        check_strategy(
+            strategy, options, gauss_newton=output is not None, per_parameter_l2=isinstance(coefs, dict)
+        )
         self.output, self.output_loss = output, output_loss
-        self.strategy, self.l2, self.damping = strategy, float(l2), float(damping)
+        self.strategy, self.l2, self.damping = strategy, coefs, float(damping)
         self.hessian_data, self.options = hessian_data, options
         self._solver: Solver | None = None
 
@@ -91,7 +96,7 @@ class InfluenceFunction(Attributor):
         spec = CurvatureSpec(
             self.task,
             train if self.hessian_data is None else self.hessian_data,
-            shift=self.l2 + self.damping,
+            shift=l2_shift(self.task, self.l2, self.damping),
             chunk_size=max(self.chunk_size, 256),
             output=self.output,
             output_loss=self.output_loss,

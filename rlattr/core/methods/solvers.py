@@ -19,8 +19,9 @@ from typing import Any, Protocol, cast
 from torch import Tensor
 
 from rlattr.core.methods.arnoldi import ArnoldiSolver
+from rlattr.core.methods.cg import CGSolver
 from rlattr.core.methods.ekfac import EKFACSolver
-from rlattr.core.methods.hessian import CGSolver, CurvatureSpec, ExplicitSolver, LiSSASolver
+from rlattr.core.methods.hessian import CurvatureSpec, ExplicitSolver, LiSSASolver
 from rlattr.errors import RlattrError
 
 
@@ -60,11 +61,13 @@ def strategy_options(strategy: str) -> list[str]:
     return [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _FROM_SPEC]
 
 
-def check_strategy(strategy: str, options: Mapping[str, Any], *, gauss_newton: bool) -> SolverClass:
+def check_strategy(
+    strategy: str, options: Mapping[str, Any], *, gauss_newton: bool, per_parameter_l2: bool = False
+) -> SolverClass:
     """The solver class of ``strategy``, after refusing options it would not use.
 
-    Raises an RlattrError for an unknown strategy, options it does not take, or a Gauss-Newton
-    curvature (``gauss_newton``) that it would silently ignore.
+    Raises an RlattrError for an unknown strategy, options it does not take, a Gauss-Newton
+    curvature (``gauss_newton``) that it would silently ignore, or a per-parameter l2 it cannot add.
     """
     if strategy not in STRATEGIES:
         raise RlattrError(f"strategy: got {strategy!r}; supported: {sorted(STRATEGIES)}")
@@ -79,12 +82,23 @@ def check_strategy(strategy: str, options: Mapping[str, Any], *, gauss_newton: b
             f"output, output_loss: strategy {strategy!r} ignores a Gauss-Newton curvature; "
             f"supported with strategies {honour}"
         )
+    if per_parameter_l2 and not getattr(cls, "per_parameter_shift", False):
+        honour = sorted(s for s, c in STRATEGIES.items() if getattr(c, "per_parameter_shift", False))
+        raise RlattrError(
+            f"l2: got a per-parameter l2 for strategy {strategy!r}, which adds one shift to its whole "
+            f"curvature; supported: a float, or a per-parameter l2 with strategies {honour}"
+        )
     return cls
 
 
 def build_solver(spec: CurvatureSpec, strategy: str, **options: Any) -> Solver:
     """The :class:`Solver` of ``strategy`` on ``spec``'s curvature (options checked first)."""
-    cls = check_strategy(strategy, options, gauss_newton=spec.output is not None)
+    cls = check_strategy(
+        strategy,
+        options,
+        gauss_newton=spec.output is not None,
+        per_parameter_l2=isinstance(spec.shift, Tensor),
+    )
     return cls.from_spec(spec, **options)
 
 
