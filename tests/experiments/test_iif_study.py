@@ -1,0 +1,78 @@
+"""The IIF study's arms and statistics: adaptive arm names, score tail statistics, IIF's clock."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+
+from iif_envs import adaptive_f, tail_stats  # noqa: E402
+from iif_sample_efficiency import compare  # noqa: E402
+
+from rlattr.rl.filtering import make_rule  # noqa: E402
+
+
+def test_adaptive_arm_names_carry_their_fraction() -> None:
+    assert adaptive_f({"iif": {}}, "iif-adaptive-0.8") == 0.8
+    assert adaptive_f({"iif": {"f": 0.7}}, "iif-adaptive") == 0.7
+    assert adaptive_f({"iif": {}}, "iif-adaptive") == 0.5
+    assert adaptive_f({"iif": {}}, "iif") is None
+    for bad in ("iif-adaptive-x", "iif-adaptive-1.5", "iif-adaptive-0", "iff"):
+        with pytest.raises(ValueError, match=f"method: got '{bad}'"):
+            adaptive_f({"iif": {}}, bad)
+
+
+def test_tail_stats_by_hand() -> None:
+    # negatives, most negative first: -5 -4 -3 -2 -1 -0.5 (mass 15.5); cumulative shares
+    # 0.32 0.58 0.77 0.90 0.97 1: half the mass in 2 of 6, 90 % in 4 of 6 (0.9032 >= 0.9)
+    scores = torch.tensor([2, -5, 0.5, -1, -3, 3, -4, -2, 1, -0.5])
+    stats = tail_stats(scores)
+    assert stats["neg_fraction"] == pytest.approx(0.6)
+    assert stats["top10_share"] == pytest.approx(5 / 15.5)
+    assert stats["m50"] == pytest.approx(2 / 6) and stats["m90"] == pytest.approx(4 / 6)
+    assert tail_stats(torch.tensor([1.0, 2.0]))["m90"] == 0.0
+
+
+@pytest.mark.parametrize("f", [0.5, 0.9])
+def test_tail_stats_count_what_the_adaptive_rule_drops(f: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        scores = torch.randn(200, generator=gen, dtype=torch.float64) ** 3  # heavy tails
+        n_neg = int((scores < 0).sum())
+        dropped = make_rule("adaptive", f=f).__call__(scores).n_dropped
+        key = "m50" if f == 0.5 else "m90"
+        assert dropped == round(tail_stats(scores)[key] * n_neg)
+
+
+def _run(seed: int, curve: list[float], seconds: list[float]) -> dict:
+    return {
+        "seed": seed,
+        "curve": curve,
+        "seconds": seconds,
+        "cpu_seconds": seconds,
+        "started": 0.0 + 1000 * seed,
+        "finished": 1.0 + 1000 * seed,
+    }
+
+
+def test_iif_clock_replaces_the_arm_own_seconds() -> None:
+    rounds = np.arange(1, 11, dtype=float)
+    ppo = [_run(s, list(np.minimum(rounds / 10, 1)), list(rounds * 10)) for s in (0, 1)]
+    arm = [_run(s, list(np.minimum(rounds / 6, 1)), list(rounds * 40)) for s in (0, 1)]
+    iif = [_run(s, list(np.minimum(rounds / 7, 1)), list(rounds * 12)) for s in (0, 1, 2)]
+    metric = {"n_levels": 5, "n_boot": 50}
+    on_iif_clock = compare(arm, ppo, metric, clock_runs=iif)
+    by_hand = [
+        {**a, "seconds": i["seconds"], "cpu_seconds": i["cpu_seconds"]}
+        for a, i in zip(arm, iif[:2], strict=True)
+    ]
+    expected = compare(by_hand, ppo, metric)
+    assert on_iif_clock["seeds"] == [0, 1] and on_iif_clock["clock"] == "iif"
+    assert on_iif_clock["rt_peak"]["value"] == pytest.approx(expected["rt_peak"]["value"])
+    assert on_iif_clock["se_ave"]["value"] == pytest.approx(compare(arm, ppo, metric)["se_ave"]["value"])
+    assert on_iif_clock["rt_peak"]["value"] != pytest.approx(compare(arm, ppo, metric)["rt_peak"]["value"])
