@@ -10,8 +10,11 @@ parameters, float32): the digits split (1,000 training records) and a 50,000-rec
 * LDS ground truth: :func:`rlattr.eval.groundtruth.subset_retraining` of ``--subsets`` half
   subsets in this process, in 2 forked processes (today's parallel path) and on Ray (1, 2 workers).
 
-Torch runs one thread everywhere (this process and every task), so results must be bit-identical;
-each timing is the median of ``--repeats`` after one untimed warm-up call. Ray is started once and its two worker processes are
+Torch runs one thread everywhere (this process and every task), so results must be bit-identical.
+Every configuration runs once untimed (warm-up), then ``--repeats`` rounds run every configuration
+in turn (interleaved, so that a shared machine's changing load hits them alike); reported are the
+medians of wall-clock and of the CPU seconds of this process and all its descendants (the fork
+pool; Ray's GCS, raylet and workers). Ray is started once and its two worker processes are
 warmed up (torch imported) before any timing: the start-up is reported on its own. Ray's workers
 run at niceness 0 here, as this process does (Ray's default is 15). Take the
 timings with both cores free of other benchmarks:
@@ -37,6 +40,7 @@ from rlattr.core.store import save_json
 from rlattr.eval.groundtruth import subset_masks, subset_retraining
 from rlattr.provenance import provenance
 from rlattr.scale import RayExecutor, require_ray, sharded_cache
+from rlattr.scale.shards import own_slice
 from rlattr.testing.supervised import classification_task, load_digits_split, make_model, train_classifier
 
 
@@ -54,19 +58,64 @@ def synthetic(n: int, seed: int = 0) -> dict[str, Tensor]:
     return {"x": x, "y": y}
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
-    """Median wall-clock of ``repeats`` calls after one untimed warm-up call (vmap tracing, caches)."""
-    fn()
-    times, out = [], None
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system, with reaped children) of this process and every live descendant:
+    the fork pool, Ray's daemons (GCS, raylet) and its workers. Linux /proc only."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    mine, total = {os.getpid()}, 0.0
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                changed = True
+    for pid in mine:
+        total += cpu.get(pid, 0.0)
+    return total
+
+
+def interleaved(configs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, Any]]:
+    """Each config once untimed (warm-up), then ``repeats`` rounds of every config in turn, so that
+    the load of a shared machine drifts over all of them alike: wall-clock and CPU seconds."""
+    out: dict[str, dict[str, Any]] = {name: {"times_s": [], "cpu_s": []} for name in configs}
+    for name, fn in configs.items():
+        out[name]["value"] = fn()
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
+        for name, fn in configs.items():
+            cpu0, start = tree_cpu_seconds(), time.perf_counter()
+            fn()
+            out[name]["times_s"].append(time.perf_counter() - start)
+            out[name]["cpu_s"].append(tree_cpu_seconds() - cpu0)
+    for row in out.values():
+        row["median_s"] = statistics.median(row["times_s"])
+        row["median_cpu_s"] = statistics.median(row["cpu_s"])
+    return out
 
 
 def mib(rss: dict[int, int]) -> list[float]:
     return sorted(round(v / 2**20, 1) for v in rss.values())
+
+
+def finish(row: dict[str, Any], runs: dict[str, dict[str, Any]], executors: dict[str, RayExecutor]) -> None:
+    ref = runs["single"].pop("value")
+    for name, run in runs.items():
+        if name != "single":
+            run["identical"] = bool(torch.equal(run.pop("value"), ref))
+        if name in executors:
+            run["worker_peak_rss_mib"] = mib(executors[name].peak_rss)
+        row[name] = run
 
 
 def bench_features(train: dict[str, Tensor], args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
@@ -74,32 +123,27 @@ def bench_features(train: dict[str, Tensor], args: argparse.Namespace, model: nn
     proj = RandomProjection(task.num_params, args.proj_dim, seed=0)
     n = train["y"].shape[0]
     shard = max(args.chunk, (n // args.shards) // args.chunk * args.chunk)
+    executors = {f"ray_{w}": RayExecutor(workers=w) for w in (1, 2)}
 
     def single() -> Tensor:
         return GradDot(task, projector=proj, chunk_size=args.chunk).cache(train)._require_cache()
 
-    row: dict[str, Any] = {"n": n, "params": task.num_params, "proj_dim": args.proj_dim, "shard_size": shard}
-    med, times, ref = timed(single, args.repeats)
-    row["single"] = {"median_s": med, "times_s": times}
-    ray = require_ray()
-    shipped = len(ray.cloudpickle.dumps((GradDot(task, projector=proj, chunk_size=args.chunk), train)))
-    row["bytes_to_each_task"] = shipped
-    row["bytes_back_per_shard"] = shard * args.proj_dim * 4
-    row["shards"] = -(-n // shard)
-    for workers in (1, 2):
-        ex = RayExecutor(workers=workers)
-
-        def on_ray(ex: RayExecutor = ex) -> Tensor:
+    def on_ray(ex: RayExecutor) -> Callable[[], Tensor]:
+        def run() -> Tensor:
             a = GradDot(task, projector=proj, chunk_size=args.chunk)
             return sharded_cache(a, train, shard_size=shard, executor=ex)._require_cache()
 
-        med, times, got = timed(on_ray, args.repeats)
-        row[f"ray_{workers}"] = {
-            "median_s": med,
-            "times_s": times,
-            "identical": bool(torch.equal(got, ref)),
-            "worker_peak_rss_mib": mib(ex.peak_rss),
-        }
+        return run
+
+    row: dict[str, Any] = {"n": n, "params": task.num_params, "proj_dim": args.proj_dim, "shard_size": shard}
+    ray = require_ray()
+    # the job (Task, model, projection) goes to the object store once; each task gets its own shard
+    row["bytes_job_once"] = len(ray.cloudpickle.dumps(GradDot(task, projector=proj, chunk_size=args.chunk)))
+    row["bytes_to_each_task"] = len(ray.cloudpickle.dumps(own_slice(train, 0, shard)))
+    row["bytes_back_per_shard"] = shard * args.proj_dim * 4
+    row["shards"] = -(-n // shard)
+    configs = {"single": single, **{name: on_ray(ex) for name, ex in executors.items()}}
+    finish(row, interleaved(configs, args.repeats), executors)
     return row
 
 
@@ -115,27 +159,18 @@ def bench_lds(train: dict[str, Tensor], args: argparse.Namespace, steps: int) ->
             return nn.functional.cross_entropy(model(xq), yq, reduction="none")
 
     masks = subset_masks(x.shape[0], args.subsets, seed=0)
+    executors = {f"ray_{w}": RayExecutor(workers=w) for w in (1, 2)}
+
+    def run(**kwargs: Any) -> Callable[[], Tensor]:
+        return lambda: subset_retraining(retrain, evaluate, masks, **kwargs)
+
     row: dict[str, Any] = {"n": x.shape[0], "subsets": args.subsets, "adam_steps": steps}
-    med, times, ref = timed(lambda: subset_retraining(retrain, evaluate, masks), args.repeats)
-    row["single"] = {"median_s": med, "times_s": times}
     ray = require_ray()
     row["bytes_to_each_task"] = len(ray.cloudpickle.dumps((retrain, evaluate, masks)))
     row["bytes_back_per_job"] = 50 * 4
-    med, times, got = timed(lambda: subset_retraining(retrain, evaluate, masks, processes=2), args.repeats)
-    row["fork_2"] = {"median_s": med, "times_s": times, "identical": bool(torch.equal(got, ref))}
-    for workers in (1, 2):
-        ex = RayExecutor(workers=workers)
-
-        def on_ray(ex: RayExecutor = ex) -> Tensor:
-            return subset_retraining(retrain, evaluate, masks, executor=ex)
-
-        med, times, got = timed(on_ray, args.repeats)
-        row[f"ray_{workers}"] = {
-            "median_s": med,
-            "times_s": times,
-            "identical": bool(torch.equal(got, ref)),
-            "worker_peak_rss_mib": mib(ex.peak_rss),
-        }
+    configs = {"single": run(), "fork_2": run(processes=2)}
+    configs.update({name: run(executor=ex) for name, ex in executors.items()})
+    finish(row, interleaved(configs, args.repeats), executors)
     return row
 
 
@@ -190,21 +225,29 @@ def main() -> None:
 def markdown(results: dict[str, Any]) -> str:
     """The results table of docs/results/scale.md: medians, ratios to one process, identical?"""
     lines = [
-        "| stage | records | one process | 2 forked processes | Ray, 1 worker | Ray, 2 workers | identical |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | records | run | wall-clock | one process / this | CPU seconds, all processes | CPU / one process's | identical |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    names = {
+        "single": "one process",
+        "fork_2": "2 forked processes",
+        "ray_1": "Ray, 1 worker",
+        "ray_2": "Ray, 2 workers",
+    }
     for key in ("features_digits", "features_synthetic", "lds_digits", "lds_synthetic"):
         if key not in results:
             continue
-        row, cells = results[key], []
-        base = row["single"]["median_s"]
-        for col in ("fork_2", "ray_1", "ray_2"):
-            r = row.get(col)
-            cells.append(f"{r['median_s']:.2f} s ({base / r['median_s']:.2f}x)" if r else "-")
-        same = all(row[c]["identical"] for c in ("fork_2", "ray_1", "ray_2") if c in row)
-        lines.append(
-            f"| {key.replace('_', ' ')} | {row['n']:,} | {base:.2f} s | " + " | ".join(cells) + f" | {same} |"
-        )
+        row = results[key]
+        base, base_cpu = row["single"]["median_s"], row["single"]["median_cpu_s"]
+        for col, label in names.items():
+            if col not in row:
+                continue
+            r = row[col]
+            lines.append(
+                f"| {key.replace('_', ' ')} | {row['n']:,} | {label} | {r['median_s']:.2f} s | "
+                f"{base / r['median_s']:.2f}x | {r['median_cpu_s']:.2f} | {r['median_cpu_s'] / base_cpu:.2f} | "
+                f"{r.get('identical', '-')} |"
+            )
     return "\n".join(lines)
 
 

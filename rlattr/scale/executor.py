@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -43,11 +44,15 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _run_job(job: Callable[..., Any], j: int, threads: int, *payload: Any) -> tuple[int, Any, int, int]:
-    """Inside the Ray task: ``(j, job(j, *payload), pid, peak RSS bytes of this worker process)``."""
+def _run_job(
+    job: Callable[..., Any], j: int, threads: int, *payload: Any
+) -> tuple[int, Any, int, int, float]:
+    """Inside the Ray task: ``(j, job(j, *payload), pid, peak RSS bytes of this worker process,
+    CPU seconds of the job)``."""
     torch.set_num_threads(threads)
+    start = time.process_time()
     value = job(j, *payload)
-    return j, value, os.getpid(), _peak_rss_bytes()
+    return j, value, os.getpid(), _peak_rss_bytes(), time.process_time() - start
 
 
 @dataclass
@@ -62,7 +67,8 @@ class RayExecutor:
         cpus_per_task: Ray's ``num_cpus`` per task.
 
     After a ``map``, ``peak_rss`` maps each worker process id that ran a task to the highest
-    peak resident memory (bytes) it reported, and ``tasks`` counts the tasks run.
+    peak resident memory (bytes) it reported, ``tasks`` counts the tasks run and ``cpu_seconds``
+    sums the CPU time the jobs took inside them.
     """
 
     workers: int = 2
@@ -71,6 +77,7 @@ class RayExecutor:
     cpus_per_task: float = 1.0
     peak_rss: dict[int, int] = field(default_factory=dict)
     tasks: int = 0
+    cpu_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers)
@@ -84,8 +91,10 @@ class RayExecutor:
 
     def _remote(self) -> Any:
         ray = require_ray()
-        if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        if not ray.is_initialized() and self.address is not None:
+            ray.init(address=self.address)  # a cluster (its head says how to log)
+        elif not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
         return ray, ray.remote(num_cpus=self.cpus_per_task)(_run_job)
 
     def map(
@@ -114,9 +123,10 @@ class RayExecutor:
             while pending:
                 done, _ = ray.wait(pending, num_returns=1)
                 pending.remove(done[0])
-                j, value, pid, rss = ray.get(done[0])
+                j, value, pid, rss, cpu = ray.get(done[0])
                 self.peak_rss[pid] = max(rss, self.peak_rss.get(pid, 0))
                 self.tasks += 1
+                self.cpu_seconds += cpu
                 submit()
                 yield j, value
         finally:  # the caller stopped early (an error, a KeyboardInterrupt): do not leave tasks running
