@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlattr.core.methods import NewtonStep
+from rlattr.core.methods import NewtonStep, RescaledInfluence, query_grads
 from rlattr.core.methods.hessian import ObjectiveHessian
-from rlattr.core.methods.rif import record_curvature_factors
+from rlattr.core.methods.rif import record_curvature_factors, woodbury_removal, woodbury_removal_whitened
 from rlattr.errors import RlattrError
 from rlattr.testing.supervised import ce_of_logits, per_record_logits
 from tests.core._tda import Problem, logreg_closed_form, logreg_problem, mlp_problem
@@ -70,3 +70,42 @@ def test_refusals() -> None:
     fast = NewtonStep(lr.task, l2=lr.l2, **_curv(lr)).cache(lr.train)
     with pytest.raises(RlattrError, match=r"remove: expected a non-empty set of record indices in \[0, 20\)"):
         fast.param_change([20])
+    with pytest.raises(RlattrError, match=r"hessian: got 'fisher'; supported: \('exact', 'gauss_newton'\)"):
+        NewtonStep(lr.task, l2=lr.l2, hessian="fisher", **_curv(lr))
+    with pytest.raises(RlattrError, match=r"hessian: 'gauss_newton' needs output= and output_loss="):
+        NewtonStep(lr.task, l2=lr.l2, hessian="gauss_newton")
+
+
+def test_whitened_woodbury_equals_the_solve_form() -> None:
+    """Rows ``L^T (H - J^T A J)^-1 g`` from forward substitutions only equal the two-solve form."""
+    mlp = mlp_problem(n=30)
+    h = ObjectiveHessian(mlp.task, mlp.train, shift=mlp.l2, **_curv(mlp)).dense()
+    chol = torch.linalg.cholesky(h)
+    jac, a = record_curvature_factors(mlp.task, _curv(mlp)["output"], ce_of_logits, mlp.train)
+    g = query_grads(mlp.task, mlp.train)  # the records' loss gradients
+    rows, lev = woodbury_removal_whitened(chol, g, jac, a / 30)
+    want, want_lev = woodbury_removal(lambda b: torch.cholesky_solve(b, chol), g, jac, a / 30)
+    torch.testing.assert_close(torch.linalg.solve_triangular(chol.T, rows.T, upper=True).T, want)
+    torch.testing.assert_close(lev, want_lev)
+    # and each row by a direct dense solve
+    for i in (0, 9):
+        direct = torch.linalg.solve(h - jac[i].T @ a[i] @ jac[i] / 30, g[i])
+        torch.testing.assert_close(want[i], direct, rtol=1e-8, atol=1e-12)
+
+
+def test_gauss_newton_newton_step_runs_on_an_indefinite_mlp_and_equals_rif() -> None:
+    mlp = mlp_problem(n=30, l2=1e-3)
+    low = float(torch.linalg.eigvalsh(ObjectiveHessian(mlp.task, mlp.train, shift=1e-3).dense())[0])
+    assert low < 0  # the premise: no exact Newton step at this l2
+    with pytest.raises(RlattrError, match="not positive definite"):
+        NewtonStep(mlp.task, l2=1e-3, **_curv(mlp)).cache(mlp.train)
+    step = NewtonStep(mlp.task, l2=1e-3, hessian="gauss_newton", **_curv(mlp)).cache(mlp.train)
+    rif = RescaledInfluence(mlp.task, l2=1e-3, **_curv(mlp)).cache(mlp.train)
+    torch.testing.assert_close(step.attribute(mlp.query), rif.attribute(mlp.query), rtol=1e-8, atol=1e-10)
+    # a removal set: the dense Gauss-Newton H minus the set's terms, solved directly
+    ggn = ObjectiveHessian(mlp.task, mlp.train, shift=1e-3, **_curv(mlp)).dense()
+    jac, a = record_curvature_factors(mlp.task, _curv(mlp)["output"], ce_of_logits, mlp.train)
+    g = step._require_cache()
+    removed = sum(jac[i].T @ a[i] @ jac[i] for i in (2, 7)) / 30
+    want = torch.linalg.solve(ggn - removed, g[[2, 7]].sum(0)) / 30
+    torch.testing.assert_close(step.param_change([2, 7]), want, rtol=1e-8, atol=1e-12)

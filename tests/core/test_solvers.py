@@ -144,6 +144,31 @@ def test_factored_gauss_newton_equals_the_autograd_products() -> None:
     jac, a = fast.factors()  # type: ignore[misc]
     want = sum(jac[i].T @ a[i] @ jac[i] for i in range(jac.shape[0])) / jac.shape[0]
     torch.testing.assert_close(fast.dense(), want + 0.1 * torch.eye(fast.dim, dtype=torch.float64))
+    # above dense_dim, the dense matrix still comes from factors: chunks of 7 records (J per chunk
+    # within factor_bytes), upper blocks only, and is the same matrix
+    per_record = jac.shape[1] * fast.dim * 8
+    chunked = ObjectiveHessian(task, train, shift=0.1, dense_dim=0, factor_bytes=7 * per_record, **curv)
+    assert chunked.factors() is None and chunked._gram_chunk() == 7
+    torch.testing.assert_close(chunked.dense(), slow.dense(), rtol=1e-10, atol=1e-12)
+
+
+def test_per_record_jacobians_equal_an_autograd_loop() -> None:
+    """record_curvature_factors: J_i row by row from autograd.grad, A_i from torch.func.hessian."""
+    from torch.func import hessian
+
+    from rlattr.core.methods.hessian import record_curvature_factors
+
+    model, train, _ = _indefinite()
+    task = classification_task(model)
+    jac, a = record_curvature_factors(task, per_record_logits(model), ce_of_logits, train)
+    params = list(model.parameters())
+    for i in (0, 17):
+        z = model(train["x"][i : i + 1])[0]
+        grads = [torch.autograd.grad(z[c], params, retain_graph=True) for c in range(3)]
+        rows = [torch.cat([g.reshape(-1) for g in row]) for row in grads]
+        torch.testing.assert_close(jac[i], torch.stack(rows), rtol=1e-12, atol=1e-14)
+        want_a = hessian(lambda u: ce_of_logits(u[None], {"y": train["y"][i : i + 1]})[0])(z.detach())
+        torch.testing.assert_close(a[i], want_a, rtol=1e-12, atol=1e-14)
 
 
 def test_explicit_on_an_indefinite_hessian_with_l2_does_not_ask_for_l2() -> None:

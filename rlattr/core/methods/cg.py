@@ -22,8 +22,9 @@ from torch import Tensor
 from rlattr.core.methods.hessian import HessianSolver, ObjectiveHessian
 from rlattr.errors import RlattrError
 
-# "auto" preconditioning: a rank-100 sketch for solves of at least this many columns, up to this d
-_AUTO_RANK, _AUTO_MIN_COLUMNS, _AUTO_MAX_DIM = 100, 32, 100_000
+# "auto" preconditioning: rank 2 x columns (the sketch costs two iterations), at most 400 and
+# within 256 MiB of float64 sketches (three Tensor[d, rank]), for solves of at least 32 columns
+_AUTO_MAX_RANK, _AUTO_MIN_COLUMNS, _AUTO_BYTES = 400, 32, 1 << 28
 
 
 class NystromPreconditioner:
@@ -65,8 +66,9 @@ class CGSolver(HessianSolver):
 
     Options: ``max_iter``, ``tol`` (stop when every column's residual norm is below ``tol`` times its
     right-hand side's), ``precondition`` (the rank of the Nyström preconditioner built on the first
-    solve; 0: plain CG; None: rank ``min(100, d)`` once a solve has at least 32 columns and
-    d <= 100,000, else plain CG).
+    solve; 0: plain CG; None: on the first solve of at least 32 columns, rank ``min(2 columns, 400,
+    d)`` within 256 MiB of sketches; narrower solves run plain CG). On the digits MLP (200 queries,
+    l2 = 1e-3) rank 100 / 200 / 400 take 37 / 29 / 22 iterations against plain CG's 66.
     """
 
     def __init__(
@@ -95,8 +97,9 @@ class CGSolver(HessianSolver):
         if not self._sketched:
             rank = self.precondition
             if rank is None:
-                auto = columns >= _AUTO_MIN_COLUMNS and self.h.dim <= _AUTO_MAX_DIM
-                rank = _AUTO_RANK if auto else 0
+                d = self.h.dim
+                rank = min(2 * columns, _AUTO_MAX_RANK, d, _AUTO_BYTES // (24 * d))
+                rank = rank if columns >= _AUTO_MIN_COLUMNS and rank >= 8 else 0
             if rank > 0:
                 try:
                     self.preconditioner = NystromPreconditioner(self.h, min(rank, self.h.dim))
