@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from rlattr.core.methods import STRATEGIES, InfluenceFunction, NewtonStep, RescaledInfluence
-from rlattr.eval.groundtruth import subset_masks, subset_retraining
-from rlattr.eval.metrics import lds
+from rlattr.eval.groundtruth import leave_one_out, subset_masks, subset_retraining
+from rlattr.eval.metrics import lds, loo_correlation
 from rlattr.provenance import provenance
 from rlattr.testing.supervised import (
     ce_of_logits,
@@ -43,6 +43,9 @@ from rlattr.testing.supervised import (
 )
 
 L2 = 1e-3
+# minus the smallest eigenvalue of the digits MLP's exact loss Hessian (no l2) at the trained
+# parameters: torch.linalg.eigvalsh(ObjectiveHessian(task, train).dense())[0] = -0.001722
+MLP_LOWEST = 0.001722
 
 
 def setting(kind: str, n_train: int, n_queries: int) -> dict[str, Any]:
@@ -75,6 +78,23 @@ def ground_truth(s: dict[str, Any], subsets: int, out: Path) -> tuple[torch.Tens
     return masks, -values
 
 
+def loo_truth(s: dict[str, Any], k: int, out: Path) -> tuple[list[int], torch.Tensor]:
+    """Leave-one-out effects on the query losses, ``Tensor[m, k]``, for k fixed random records."""
+    n = s["train"]["y"].shape[0]
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:k].tolist()
+
+    def retrain(weights: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        return {name: v.detach() for name, v in s["fit"](weights.double()).named_parameters()}
+
+    def query_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return per_record_ce(s["model"])(params, s["queries"])
+
+    config = {"kind": s["kind"], "n": n, "m": s["queries"]["y"].shape[0], "l2": L2}
+    effects = leave_one_out(retrain, query_loss, n, idx, out_dir=out / s["kind"] / f"loo{k}", config=config)
+    return idx, effects.T
+
+
 def methods(s: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     task = classification_task(s["model"], groups="tensor")
     curv: dict[str, Any] = {"output": per_record_logits(s["model"]), "output_loss": ce_of_logits}
@@ -91,21 +111,31 @@ def methods(s: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     }
     if "arnoldi" in STRATEGIES:
         table["IF Arnoldi"] = influence("arnoldi", rank=100, iterations=200)
-    if "output" in inspect.signature(NewtonStep).parameters and s["kind"] == "logreg":
-        # the MLP's exact Hessian is indefinite at l2 = 1e-3: no Newton step without more damping
+    newton = inspect.signature(NewtonStep).parameters
+    if "output" in newton and s["kind"] == "logreg":
         table["Newton step (Woodbury)"] = lambda: NewtonStep(task, l2=L2, **curv)
+    if "hessian" in newton and s["kind"] == "mlp":
+        # the MLP's exact Hessian is indefinite at l2 = 1e-3 (smallest eigenvalue l2 - MLP_LOWEST):
+        # a Gauss-Newton H, or the exact H damped by MLP_LOWEST (its smallest eigenvalue lifted to l2)
+        table["Newton step (Woodbury, GN H)"] = lambda: NewtonStep(
+            task, l2=L2, hessian="gauss_newton", **curv
+        )
+        table["Newton step (Woodbury, damped H)"] = lambda: NewtonStep(
+            task, l2=L2, damping=MLP_LOWEST, **curv
+        )
     return table
 
 
 def time_method(
     build: Callable[[], Any], s: dict[str, Any], repeats: int
-) -> tuple[list[float], torch.Tensor]:
-    seconds, scores = [], torch.empty(0)
+) -> tuple[list[float], torch.Tensor, Any]:
+    seconds, scores, attributor = [], torch.empty(0), None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        scores = build().cache(s["train"]).attribute(s["queries"]).detach()
+        attributor = build()
+        scores = attributor.cache(s["train"]).attribute(s["queries"]).detach()
         seconds.append(time.perf_counter() - t0)
-    return seconds, scores
+    return seconds, scores, attributor
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None, help="method names to run (default: all)")
+    parser.add_argument("--loo", type=int, default=0, help="LOO correlation on this many records (0: none)")
     parser.add_argument("--out", default="runs/bench_solvers")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -124,17 +155,23 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.models:
         s = setting(kind, args.n_train, args.n_queries)
         masks, targets = ground_truth(s, args.subsets, Path(args.out))
+        loo = loo_truth(s, args.loo, Path(args.out)) if args.loo else None
         for name, build in methods(s).items():
             if args.only is not None and name not in args.only:
                 continue
-            seconds, scores = time_method(build, s, args.repeats)
-            row = {
+            seconds, scores, attributor = time_method(build, s, args.repeats)
+            row: dict[str, Any] = {
                 "seconds": seconds,
                 "median_s": statistics.median(seconds),
                 "lds": float(lds(scores.double(), masks, targets)),
             }
+            if loo is not None:
+                row["loo"] = float(loo_correlation(scores.double()[:, loo[0]], loo[1]))
+            if hasattr(getattr(attributor, "solver", None), "iterations"):
+                row["iterations"] = attributor.solver.iterations
             results["rows"][f"{kind}/{name}"] = row
-            print(f"{kind:6s} {name:24s} {row['median_s']:8.2f} s  LDS {row['lds']:.3f}", flush=True)
+            extra = f"  LOO {row['loo']:.3f}" if "loo" in row else ""
+            print(f"{kind:6s} {name:34s} {row['median_s']:8.2f} s  LDS {row['lds']:.3f}{extra}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
 

@@ -150,6 +150,7 @@ def test_factored_gauss_newton_equals_the_autograd_products() -> None:
     chunked = ObjectiveHessian(task, train, shift=0.1, dense_dim=0, factor_bytes=7 * per_record, **curv)
     assert chunked.factors() is None and chunked._gram_chunk() == 7
     torch.testing.assert_close(chunked.dense(), slow.dense(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(chunked.dense(), chunked.dense().T)  # mirrored blocks: exactly symmetric
 
 
 def test_per_record_jacobians_equal_an_autograd_loop() -> None:
