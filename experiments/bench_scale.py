@@ -104,6 +104,12 @@ def interleaved(configs: dict[str, Callable[[], Any]], repeats: int) -> dict[str
     return out
 
 
+def ray_executors() -> dict[str, RayExecutor]:
+    """w concurrent workers of the 2 CPUs: each task reserves 2 / w of them, and twice as many tasks
+    as can run are in flight, so that a worker finds its next task queued, not waiting on this driver."""
+    return {f"ray_{w}": RayExecutor(workers=2 * w, cpus_per_task=2.0 / w) for w in (1, 2)}
+
+
 def mib(rss: dict[int, int]) -> list[float]:
     return sorted(round(v / 2**20, 1) for v in rss.values())
 
@@ -123,7 +129,7 @@ def bench_features(train: dict[str, Tensor], args: argparse.Namespace, model: nn
     proj = RandomProjection(task.num_params, args.proj_dim, seed=0)
     n = train["y"].shape[0]
     shard = max(args.chunk, (n // args.shards) // args.chunk * args.chunk)
-    executors = {f"ray_{w}": RayExecutor(workers=w) for w in (1, 2)}
+    executors = ray_executors()
 
     def single() -> Tensor:
         return GradDot(task, projector=proj, chunk_size=args.chunk).cache(train)._require_cache()
@@ -159,7 +165,7 @@ def bench_lds(train: dict[str, Tensor], args: argparse.Namespace, steps: int) ->
             return nn.functional.cross_entropy(model(xq), yq, reduction="none")
 
     masks = subset_masks(x.shape[0], args.subsets, seed=0)
-    executors = {f"ray_{w}": RayExecutor(workers=w) for w in (1, 2)}
+    executors = ray_executors()
 
     def run(**kwargs: Any) -> Callable[[], Tensor]:
         return lambda: subset_retraining(retrain, evaluate, masks, **kwargs)
@@ -188,6 +194,21 @@ def start_ray() -> dict[str, float]:
     return {"ray_init_s": init_s, "first_tasks_s": time.perf_counter() - start}
 
 
+def ray_costs(tasks: int = 17, rows: int = 3072, cols: int = 256) -> dict[str, float]:
+    """Ray's own costs here: CPU of its idle processes per second, and the round trip of ``tasks``
+    trivial tasks that each return ``rows x cols`` float32 (a featurised shard's size)."""
+    time.sleep(2)
+    cpu0, start = tree_cpu_seconds(), time.perf_counter()
+    time.sleep(10)
+    idle = (tree_cpu_seconds() - cpu0) / (time.perf_counter() - start)
+    block = torch.zeros(rows, cols)
+    ex = RayExecutor(workers=2, cpus_per_task=2.0)
+    cpu0, start = tree_cpu_seconds(), time.perf_counter()
+    list(ex.map(lambda j: block + j, range(tasks)))
+    wall, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu0
+    return {"idle_cpu_per_s": idle, "trivial_tasks": tasks, "trivial_wall_s": wall, "trivial_cpu_s": cpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -204,6 +225,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results: dict[str, Any] = {"config": vars(args), "provenance": provenance(), "cpus": os.cpu_count()}
     results["startup"] = start_ray()
+    results["ray_costs"] = ray_costs()
     results["loadavg_before"] = os.getloadavg()
     sets = {"digits": digits(), "synthetic": synthetic(args.synthetic_n)}
     model = make_model("mlp", seed=0)
