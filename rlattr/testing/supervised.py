@@ -79,6 +79,29 @@ def make_model(
     return model
 
 
+def make_cnn(conv: int = 6, channels: int = 8, hidden: int = 32, seed: int = 0) -> nn.Module:
+    """A small tanh CNN on the 8x8 digits (input the flat ``Tensor[n, 64]``), initialised from ``seed``.
+
+    ``conv`` 3x3 convolutions (padding 1; the third and the last of them with stride 2 when there are
+    at least 4, so 8x8 -> 4x4 -> 2x2), then Linear(-> ``hidden``), Tanh, Linear(-> 10): with
+    ``groups="tensor"`` every weight and bias is its own group, ``2 conv + 4`` groups (16 by default).
+    Two Linear layers, so :func:`train_classifier` trains it with Adam, not L-BFGS.
+    """
+    if conv < 1 or channels < 1 or hidden < 1:
+        raise RlattrError(f"conv, channels, hidden: got {conv}, {channels}, {hidden}; supported: all >= 1")
+    strided = {2, conv - 1} if conv >= 4 else set()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, 8, 8))]
+        size, c_in = 8, 1
+        for i in range(conv):
+            c_out = channels if i < 2 else 2 * channels
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2 if i in strided else 1, padding=1), nn.Tanh()]
+            size, c_in = (size + 1) // 2 if i in strided else size, c_out
+        layers += [nn.Flatten(), nn.Linear(c_in * size * size, hidden), nn.Tanh(), nn.Linear(hidden, 10)]
+        return nn.Sequential(*layers)
+
+
 def per_record_ce(model: nn.Module) -> Callable[[Params, Batch], Tensor]:
     """``(params, batch) -> Tensor[n]``: cross-entropy of each record under ``params``."""
 

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from rlattr.core.methods import Attributor, DistilledEmbedding, GradDot
-from rlattr.core.methods.distill import recall_at_k
+from rlattr.core.methods.distill import gradient_features, recall_at_k, reduced_rank_fit, ridge_solve
+from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Task
 from rlattr.errors import RlattrError
 from rlattr.testing.supervised import classification_task, make_model
@@ -102,3 +103,76 @@ def test_arguments_are_validated():
         student.attribute(_x(2))
     with pytest.raises(RlattrError, match="k: got 9; supported: 1 <= k <= 5"):
         student.fit(_x(3)).search(_x(2), 9)
+
+
+def test_ridge_solve_matches_least_squares_in_primal_and_dual_form():
+    x, y = (
+        torch.randn(30, 6, generator=GEN, dtype=torch.float64),
+        torch.randn(30, 2, generator=GEN, dtype=torch.float64),
+    )
+    torch.testing.assert_close(ridge_solve(x, y, 0.0), torch.linalg.lstsq(x, y).solution)
+    wide = torch.randn(4, 9, generator=GEN, dtype=torch.float64)  # N < f: the minimum-norm interpolant
+    target = torch.randn(4, 2, generator=GEN, dtype=torch.float64)
+    torch.testing.assert_close(ridge_solve(wide, target, 0.0), torch.linalg.pinv(wide) @ target)
+    lam = 0.5 * float((x * x).sum(0).mean())  # ridge 0.5 on the mean diagonal of x^T x
+    ref = torch.linalg.solve(x.T @ x + (lam + 1e-12) * torch.eye(6, dtype=torch.float64), x.T @ y)
+    torch.testing.assert_close(ridge_solve(x, y, 0.5), ref)
+
+
+def test_reduced_rank_fit_recovers_a_rank_d_bilinear_teacher_and_is_the_best_rank_d_fit():
+    fq, fr = _x(50)["x"], _x(40)["x"]
+    teacher = (fq @ A.T) @ (fr @ B.T).T  # rank 4
+    q_map, r_map = reduced_rank_fit(fq, teacher, fr, dim=4, ridge=0.0)
+    torch.testing.assert_close((fq @ q_map) @ (fr @ r_map).T, teacher)
+    q2, r2 = reduced_rank_fit(fq, teacher, fr, dim=2, ridge=0.0)  # per-row weights: the rows' scale
+    w = 1 / teacher.std(1, keepdim=True)
+    u, s, vh = torch.linalg.svd(teacher * w)
+    best = (u[:, :2] * s[:2]) @ vh[:2]  # Eckart-Young on the weighted scores
+    torch.testing.assert_close((fq @ q2) @ (fr @ r2).T * w, best)
+
+
+def test_the_ridge_solver_reproduces_a_bilinear_teacher_on_held_out_queries_and_serves_in_float32():
+    train, fit, held_out = _x(200), _x(60), _x(30)
+    teacher = InnerProductTeacher(_task())
+    student = DistilledEmbedding(teacher, lambda b: b["x"], dim=4, solver="ridge", ridge=0.0)
+    student.cache(train).fit(fit)
+    assert student.history == [] and student.hidden == 0  # closed form, no ListNet steps by default
+    truth = teacher.attribute(held_out)
+    torch.testing.assert_close(student.attribute(held_out), truth)
+    fast = student.astype(torch.float32).attribute(held_out)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), truth, rtol=1e-4, atol=1e-4)
+    assert recall_at_k(fast.double(), truth, 10) == 1.0
+
+
+def test_gradient_features_are_the_per_record_and_query_gradients_and_their_projection():
+    torch.manual_seed(0)
+    model = make_model("logreg", n_in=5, n_out=3).double()
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.5)
+    task = classification_task(model)
+    batch = {
+        "x": torch.randn(7, 5, generator=GEN, dtype=torch.float64),
+        "y": torch.randint(0, 3, (7,), generator=GEN),
+    }
+    rows = []
+    for i in range(7):  # the loss gradient of each record by autograd, flattened in parameter order
+        loss = nn.functional.cross_entropy(model(batch["x"][i : i + 1]), batch["y"][i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    ref = torch.stack(rows)
+    torch.testing.assert_close(gradient_features(task)(batch), ref)
+    torch.testing.assert_close(gradient_features(task, query=True)(batch), ref)  # no target: the loss
+    proj = RandomProjection(task.num_params, 4, seed=3).matrix().double()
+    torch.testing.assert_close(gradient_features(task, proj_dim=4, seed=3)(batch), ref @ proj)
+    with pytest.raises(RlattrError, match="proj_dim: got 0; supported"):
+        gradient_features(task, proj_dim=0)
+
+
+def test_ridge_options_are_validated():
+    teacher = InnerProductTeacher(_task())
+    with pytest.raises(RlattrError, match="solver: got 'svd'; supported: \\('listnet', 'ridge'\\)"):
+        DistilledEmbedding(teacher, lambda b: b["x"], solver="svd")  # type: ignore[arg-type]
+    with pytest.raises(RlattrError, match="hidden: got 8 with solver='ridge'; supported: 0"):
+        DistilledEmbedding(teacher, lambda b: b["x"], solver="ridge", hidden=8)
+    with pytest.raises(RlattrError, match="mse_weight, ridge: got 0.1, -1.0"):
+        DistilledEmbedding(teacher, lambda b: b["x"], solver="ridge", ridge=-1.0)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from rlattr.core.methods import AirRep
+from rlattr.core.methods import AirRep, Attributor, DistilledEmbedding
 from rlattr.core.methods.representation import pooled_scores
-from rlattr.core.task import Task
+from rlattr.core.task import Batch, Task
 from rlattr.errors import RlattrError
 from rlattr.eval.groundtruth import subset_masks
 from rlattr.eval.metrics import pearson, spearman
@@ -85,3 +85,45 @@ def test_arguments_are_validated():
     air.fit(fit, masks, _effects(masks, fit, train, w, seed=0))
     with pytest.raises(RlattrError, match=r"groups: got torch.bool \(2, 59\)"):
         air.group_scores(fit, torch.ones(2, 59, dtype=torch.bool))
+
+
+class _BilinearTeacher(Attributor):
+    """score(q, i) = q^T W x_i for a given W: a stand-in for an imperfect gradient method."""
+
+    def __init__(self, task: Task, w: Tensor) -> None:
+        super().__init__(task)
+        self.w = w
+
+    def cache(self, train: Batch) -> _BilinearTeacher:
+        self._train = train["x"]
+        return self
+
+    def attribute(self, query: Batch) -> Tensor:
+        return query["x"] @ self.w @ self._require_cache().T
+
+
+def test_a_distilled_start_is_kept_at_zero_steps_and_corrected_by_subset_effects():
+    task, train, fit, held, w = _toy()
+    noise = torch.randn(F, F, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    teacher = _BilinearTeacher(task, w + 0.8 * w.norm() / F * noise)  # right direction, wrong details
+    start = (
+        DistilledEmbedding(teacher, lambda b: b["x"], dim=F, solver="ridge", ridge=0.0).cache(train).fit(fit)
+    )
+    masks = subset_masks(60, 300, 0.5, seed=0)
+    effects = _effects(masks, fit, train, w, seed=0)
+    kept = AirRep(task, lambda b: b["x"], steps=0, init=start).cache(train).fit(fit, masks, effects)
+    torch.testing.assert_close(kept.attribute(held), start.attribute(held))
+    tuned = (
+        AirRep(task, lambda b: b["x"], steps=300, lr=1e-2, init=start).cache(train).fit(fit, masks, effects)
+    )
+    new = subset_masks(60, 100, 0.5, seed=9)
+    truth = _effects(new, held, train, w, seed=1).T.numpy()
+
+    def rank_corr(scores: Tensor) -> float:
+        pred = (scores @ new.double().T).numpy()
+        return float(np.mean([spearman(pred[j], truth[j]) for j in range(len(truth))]))
+
+    before, after = rank_corr(start.attribute(held)), rank_corr(tuned.attribute(held))
+    assert after > before + 0.1 and after > 0.9, (before, after)
+    with pytest.raises(RlattrError, match="init: got DistilledEmbedding; supported: None or a fitted"):
+        AirRep(task, lambda b: b["x"], init=DistilledEmbedding(teacher, lambda b: b["x"]))

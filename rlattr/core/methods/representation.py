@@ -14,15 +14,23 @@ training on subset s on fit query j (higher = helped, e.g. minus the query loss)
 ranks the subsets of each query like their effects (ListNet over the M subsets, standardised, see
 :func:`rlattr.core.methods.distill.listnet_loss`). Query and record encoders are separate because
 a training record and a query need not be the same kind of object (the paper shares one encoder).
+
+``init``: start both encoders from a fitted :class:`DistilledEmbedding` (e.g. one distilled from
+an influence function on gradient features) instead of a random start, the way the paper starts
+from a pretrained encoder: the subset effects then correct a representation that already ranks
+records sensibly, which a few hundred retrained subsets cannot build from scratch.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
 
 from rlattr.core.methods.base import Attributor, batch_signature
 from rlattr.core.methods.distill import (
+    DistilledEmbedding,
     Features,
     check_fit_options,
     encode_features,
@@ -52,6 +60,8 @@ class AirRep(Attributor):
         query_features: the query encoder's input (default: ``features``).
         dim, hidden: embedding dimension and hidden width (0: linear encoders).
         steps, lr: full-batch Adam; temperature: T of the ranking loss; seed: initialisation.
+        init: a fitted DistilledEmbedding whose encoders start the fit (its features must be these;
+            ``dim`` and ``hidden`` are then its encoders'; ``steps=0`` keeps them as they are).
     """
 
     def __init__(
@@ -66,11 +76,17 @@ class AirRep(Attributor):
         lr: float = 1e-2,
         temperature: float = 0.5,
         seed: int = 0,
+        init: DistilledEmbedding | None = None,
     ) -> None:
         super().__init__(task)
+        if init is not None and (not isinstance(init, DistilledEmbedding) or init.query_encoder is None):
+            raise RlattrError(
+                f"init: got {type(init).__name__}; supported: None or a fitted DistilledEmbedding"
+            )
+        self.init = init
         if not callable(features) or (query_features is not None and not callable(query_features)):
             raise RlattrError("features, query_features: supported: callables batch -> Tensor[n, f]")
-        check_fit_options(dim, hidden, steps, lr, temperature)
+        check_fit_options(dim, hidden, steps if init is None else max(steps, 1), lr, temperature)
         self.features, self.query_features = features, query_features or features
         self.dim, self.hidden, self.steps, self.lr = dim, hidden, steps, lr
         self.temperature, self.seed = temperature, seed
@@ -108,17 +124,7 @@ class AirRep(Attributor):
             raise RuntimeError("AirRep.fit: call cache(train) first")
         fq = encode_features(self.query_features, queries, "query_features").to(self._feats)
         self._check_labels(masks, effects, fq.shape[0])
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            gate = nn.Linear(self.dim, 1, bias=False).to(self._feats.dtype)
-            nn.init.zeros_(gate.weight)  # start at uniform attention: the additive datamodel
-            mods = nn.ModuleDict(
-                {
-                    "record": make_encoder(self._feats.shape[1], self.hidden, self.dim, self._feats.dtype),
-                    "query": make_encoder(fq.shape[1], self.hidden, self.dim, self._feats.dtype),
-                    "gate": gate,
-                }
-            )
+        mods = self._networks(fq.shape[1])
         opt = torch.optim.Adam(mods.parameters(), lr=self.lr)
         target = effects.to(self._feats).T  # [m, M]: each query's list of subsets
         self.history = []
@@ -134,6 +140,24 @@ class AirRep(Attributor):
         with torch.no_grad():
             self._train = mods["record"](self._feats)
         return self
+
+    def _networks(self, n_query_features: int) -> nn.ModuleDict:
+        """Record / query encoders (random, or copies of ``init``'s) and a zero attention gate."""
+        assert self._feats is not None
+        dtype = self._feats.dtype
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            if self.init is not None:
+                assert self.init.record_encoder is not None and self.init.query_encoder is not None
+                record = copy.deepcopy(self.init.record_encoder).to(dtype)
+                query = copy.deepcopy(self.init.query_encoder).to(dtype)
+            else:
+                record = make_encoder(self._feats.shape[1], self.hidden, self.dim, dtype)
+                query = make_encoder(n_query_features, self.hidden, self.dim, dtype)
+            dim = int(record(self._feats[:1]).shape[1])
+            gate = nn.Linear(dim, 1, bias=False).to(dtype)
+            nn.init.zeros_(gate.weight)  # start at uniform attention: the additive datamodel
+        return nn.ModuleDict({"record": record, "query": query, "gate": gate})
 
     def _embed(self, query: Batch) -> tuple[Tensor, Tensor]:
         if self._train is None or self.networks is None:
