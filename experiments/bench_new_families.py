@@ -2,21 +2,36 @@
 
 The protocol of ``tda_benchmark.py`` (its ``Setting`` and ground truth) at a reduced size that fits a
 few minutes on a loaded 2-core machine: ``--n-train`` records, ``--n-queries`` evaluation queries,
-``--subsets`` LDS subsets and ``--n-loo`` LOO records. Baselines: Grad-Dot, TracIn, IF explicit. The
-distilled embedding uses IF explicit as its teacher and AirRep is trained on ``--air-subsets``
-*other* retrained subsets measured on ``--n-queries`` fit queries disjoint from the evaluation
-queries. Both embed the features ``(p - e_y) (x) [h, 1]`` (h: the MLP's hidden layer), the exact
-last-layer gradient of each record. For each method: one-off seconds (cache + fit), per-query
-milliseconds after it, LOO and LDS.
+``--subsets`` LDS subsets and ``--n-loo`` LOO records. Baselines: Grad-Dot, TracIn, IF explicit.
 
-    python experiments/bench_new_families.py     # writes docs/results/tda_new_families.json
+* Features of both embedding methods: each record's (and query's) full loss gradient, computed in
+  closed form from one forward pass (no autograd, no pass over the training set per query):
+  ``(p - e_y) (x) [h, 1]`` for the output layer and ``((p - e_y) W_2 * (1 - h^2)) (x) [x, 1]``
+  for the hidden layer.
+* Distilled: teacher IF explicit, fitted on ``--distill-images`` test images disjoint from both
+  query sets, each with all 10 labels (the teacher is linear in the query gradient, and every label
+  of an image is a cheap extra query), closed-form reduced-rank fit (``solver="ridge"``) to
+  ``--dim``, answered in float32.
+* AirRep-style: starts from the distilled encoders and fine-tunes them (and the attention gate) on
+  ``--air-subsets`` *other* retrained subsets measured on ``--n-queries`` fit queries disjoint from
+  the evaluation queries (ListNet over subsets). ``--air-steps`` is chosen on held-out label subsets
+  (the last ``--air-val`` of them), never on the evaluation ground truth.
+
+For each method: one-off seconds (cache + fit), per-query milliseconds after it (median of
+``--repeats`` timings of the whole query batch, in this process), LOO and LDS; recall@k of the
+distilled embedding against its teacher on the evaluation queries.
+
+    flock /tmp/rlattr-bench.lock python experiments/bench_new_families.py   # writes docs/results/tda_new_families.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,30 +56,72 @@ from rlattr.core.store import save_json  # noqa: E402
 from rlattr.eval.groundtruth import subset_masks, subset_retraining  # noqa: E402
 from rlattr.eval.metrics import lds, loo_correlation  # noqa: E402
 from rlattr.provenance import provenance  # noqa: E402
-from rlattr.testing.supervised import ce_of_logits  # noqa: E402
+from rlattr.testing.supervised import ce_of_logits, load_digits_split  # noqa: E402
 
 
-def features(model: nn.Module) -> Any:
-    """``batch -> Tensor[n, 10 * 65]``: ``(softmax - onehot) (x) [hidden, 1]``."""
+def mlp_gradients(model: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
+    """``batch -> Tensor[n, 4810]``: each record's cross-entropy gradient (both layers), closed form."""
     assert isinstance(model, nn.Sequential)  # the MLP: Linear, Tanh, Linear
 
     def f(batch: dict[str, Tensor]) -> Tensor:
         with torch.no_grad():
-            h = model[1](model[0](batch["x"]))
+            w2 = model[2].weight
+            assert isinstance(w2, Tensor)
+            x = batch["x"].to(w2.dtype)
+            h = model[1](model[0](x))
             err = torch.softmax(model[2](h), 1) - nn.functional.one_hot(batch["y"], 10).to(h)
-            hb = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
-            return (err[:, :, None] * hb[:, None, :]).flatten(1)
+            one = torch.ones(len(x), 1, dtype=x.dtype)
+            out = (err[:, :, None] * torch.cat([h, one], 1)[:, None, :]).flatten(1)
+            delta = (err @ w2) * (1 - h * h)
+            hidden = (delta[:, :, None] * torch.cat([x, one], 1)[:, None, :]).flatten(1)
+            return torch.cat([hidden, out], 1)  # the order of model.parameters()
 
     return f
 
 
-def timed(build: Any, queries: dict[str, Tensor]) -> tuple[Attributor, Tensor, float, float]:
+def every_label(x: Tensor) -> dict[str, Tensor]:
+    """Each image once per class: ``10 n`` queries."""
+    return {"x": x.repeat_interleave(10, 0), "y": torch.arange(10).repeat(len(x))}
+
+
+def per_query_ms(attr: Attributor, queries: dict[str, Tensor], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        attr.attribute(queries)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times) / len(queries["y"])
+
+
+def air_labels(s: Setting, a: argparse.Namespace) -> tuple[Tensor, Tensor, float]:
+    """Masks and effects (minus the fit-query losses) of the AirRep label subsets."""
+    masks = subset_masks(s.cfg.n_train, a.air_subsets, 0.5, seed=1000)  # not the LDS subsets
+
+    def fit_loss(params: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            return s.task.loss(params, s.fit_queries)
+
     t0 = time.perf_counter()
-    attr = build()
-    t1 = time.perf_counter()
-    scores = attr.attribute(queries).detach().double()
-    t2 = time.perf_counter()
-    return attr, scores, t1 - t0, 1e3 * (t2 - t1) / len(queries["y"])
+    effects = -subset_retraining(s.retrain, fit_loss, masks, seed=1000, out_dir=Path(a.out) / "air",
+                                 config={"n_train": s.cfg.n_train, "steps": s.cfg.mlp_steps}, processes=2)  # fmt: skip
+    return masks, effects, time.perf_counter() - t0
+
+
+def pick_air_steps(
+    s: Setting, a: argparse.Namespace, init: DistilledEmbedding, labels: Any
+) -> dict[int, float]:
+    """LDS on the held-out label subsets (fit queries) for each candidate number of steps."""
+    masks, effects, _ = labels
+    k = masks.shape[0] - a.air_val
+    out = {}
+    for steps in a.air_steps:
+        air = AirRep(
+            s.task, init.features, query_features=init.query_features, steps=steps, lr=a.air_lr, init=init
+        )
+        air.cache(s.train)
+        scores = air.fit(s.fit_queries, masks[:k], effects[:k]).attribute(s.fit_queries).double()
+        out[steps] = float(lds(scores, masks[k:], effects[k:]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-loo", type=int, default=50)
     p.add_argument("--subsets", type=int, default=40)
     p.add_argument("--air-subsets", type=int, default=120)
+    p.add_argument("--air-val", type=int, default=30)
+    p.add_argument("--air-steps", type=int, nargs="+", default=[0, 10, 30, 100])
+    p.add_argument("--air-lr", type=float, default=3e-4)
+    p.add_argument("--distill-images", type=int, default=400)
+    p.add_argument("--dim", type=int, default=128)
     p.add_argument("--mlp-steps", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="runs/tda_new_families")
     p.add_argument("--json", default="docs/results/tda_new_families.json")
     a = p.parse_args(argv)
@@ -83,52 +146,58 @@ def main(argv: list[str] | None = None) -> None:
                       mlp_steps=a.mlp_steps, models=["mlp"], out=a.out, doc="unused")  # fmt: skip
     s = Setting("mlp", cfg)
     gt = ground_truth(s)
-    print(f"ground truth: {gt['seconds']}", flush=True)
-    t0 = time.perf_counter()
-    air_masks = subset_masks(cfg.n_train, a.air_subsets, 0.5, seed=1000)  # not the LDS subsets
-
-    def fit_loss(params: dict[str, Tensor]) -> Tensor:
-        with torch.no_grad():
-            return s.task.loss(params, s.fit_queries)
-
-    air_effects = -subset_retraining(s.retrain, fit_loss, air_masks, seed=1000, out_dir=Path(a.out) / "air",
-                                     config={"n_train": cfg.n_train, "steps": cfg.mlp_steps}, processes=2)  # fmt: skip
-    t_labels = time.perf_counter() - t0
+    labels = air_labels(s, a)
     ckpts = s.adam_checkpoints()
-    feats = features(s.model)
+    feats = mlp_gradients(s.model)
+    query_feats = mlp_gradients(copy.deepcopy(s.model).float())  # queries answered in float32
+    x_test = load_digits_split(cfg.n_train, seed=cfg.seed, dtype=torch.float64).x_test
+    distill_queries = every_label(x_test[2 * cfg.n_queries : 2 * cfg.n_queries + a.distill_images])
 
     def teacher() -> InfluenceFunction:
         return InfluenceFunction(
             s.task, strategy="explicit", l2=cfg.l2, output=s.output, output_loss=ce_of_logits
         )
 
-    table = {
+    def distilled() -> DistilledEmbedding:
+        d = DistilledEmbedding(
+            teacher().cache(s.train), feats, query_features=query_feats, dim=a.dim, solver="ridge"
+        )
+        return d.cache(s.train).fit(distill_queries).astype(torch.float32)
+
+    built: dict[str, Any] = {}
+    table: dict[str, Callable[[], Attributor]] = {
         "Grad-Dot": lambda: GradDot(s.task).cache(s.train),
         "TracIn": lambda: TracIn(s.task, *ckpts).cache(s.train),
         "IF explicit": lambda: teacher().cache(s.train),
         "Unlearning (MUCS-style)": lambda: Unlearning(s.task, lr=0.05, max_step=0.5).cache(s.train),
-        "Distilled (IF explicit)": lambda: DistilledEmbedding(teacher(), feats, dim=32, hidden=0, steps=800,
-                                                              lr=1e-2, mse_weight=1.0).cache(s.train).fit(s.fit_queries),
-        "AirRep-style": lambda: AirRep(s.task, feats, dim=32, hidden=0, steps=800, lr=1e-2).cache(s.train).fit(
-            s.fit_queries, air_masks, air_effects),
+        "Distilled (IF explicit)": distilled,
     }  # fmt: skip
     rows: dict[str, dict[str, Any]] = {}
-    all_scores: dict[str, Tensor] = {}
-    for name, build in table.items():
-        _, scores, one_off, per_query = timed(build, s.queries)
-        all_scores[name] = scores
-        rows[name] = {
-            "loo": float(loo_correlation(scores[:, gt["loo_idx"]], gt["loo"])),
-            "lds": float(lds(scores, gt["masks"], gt["targets"])),
-            "one_off_s": one_off,
-            "per_query_ms": per_query,
-        }
+    scores: dict[str, Tensor] = {}
+
+    def evaluate(name: str, build: Callable[[], Attributor]) -> None:
+        t0 = time.perf_counter()
+        built[name] = attr = build()
+        one_off = time.perf_counter() - t0
+        scores[name] = sc = attr.attribute(s.queries).detach().double()
+        rows[name] = {"loo": float(loo_correlation(sc[:, gt["loo_idx"]], gt["loo"])),
+                      "lds": float(lds(sc, gt["masks"], gt["targets"])), "one_off_s": one_off,
+                      "per_query_ms": per_query_ms(attr, s.queries, a.repeats)}  # fmt: skip
         print(name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
-    rows["AirRep-style"]["label_retraining_s"] = t_labels
-    teacher_scores = all_scores["IF explicit"]
+
+    for name, build in table.items():
+        evaluate(name, build)
+    init = built["Distilled (IF explicit)"]  # its encoders are copied to float64 to train
+    val = pick_air_steps(s, a, init, labels)
+    best = max(val, key=lambda k: val[k])
+    print("AirRep-style held-out-subset LDS by steps", val, "->", best, flush=True)
+    masks, effects, t_labels = labels
+    evaluate("AirRep-style", lambda: AirRep(s.task, feats, query_features=query_feats, steps=best, lr=a.air_lr, init=init)
+             .cache(s.train).fit(s.fit_queries, masks, effects).astype(torch.float32))  # fmt: skip
+    rows["AirRep-style"].update({"label_retraining_s": t_labels, "val_lds_by_steps": val, "steps": best})
     for k in (10, 20):
-        rows["Distilled (IF explicit)"][f"recall@{k}"] = recall_at_k(all_scores["Distilled (IF explicit)"],
-                                                                     teacher_scores, k)  # fmt: skip
+        rows["Distilled (IF explicit)"][f"recall@{k}"] = recall_at_k(scores["Distilled (IF explicit)"],
+                                                                     scores["IF explicit"], k)  # fmt: skip
     print("distilled recall", {k: v for k, v in rows["Distilled (IF explicit)"].items() if "recall" in k})
     save_json(a.json, {"config": {**vars(a), **asdict(cfg)}, "provenance": provenance(), "results": rows,
                        "ground_truth_s": gt["seconds"]})  # fmt: skip

@@ -113,6 +113,9 @@ def test_a_distilled_start_is_kept_at_zero_steps_and_corrected_by_subset_effects
     effects = _effects(masks, fit, train, w, seed=0)
     kept = AirRep(task, lambda b: b["x"], steps=0, init=start).cache(train).fit(fit, masks, effects)
     torch.testing.assert_close(kept.attribute(held), start.attribute(held))
+    fast = kept.astype(torch.float32).attribute(held)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), start.attribute(held), rtol=1e-4, atol=1e-4)
     tuned = (
         AirRep(task, lambda b: b["x"], steps=300, lr=1e-2, init=start).cache(train).fit(fit, masks, effects)
     )

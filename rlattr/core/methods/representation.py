@@ -168,6 +168,13 @@ class AirRep(Attributor):
             )
         return q @ self._train.T, self.networks["gate"](self._train).squeeze(1).detach()
 
+    def astype(self, dtype: torch.dtype) -> AirRep:
+        """Serve in ``dtype`` (e.g. train in float64, answer queries in float32)."""
+        if self._train is None or self.networks is None:
+            raise RuntimeError("AirRep: call cache(train) and fit(queries, masks, effects) first")
+        self.networks, self._train = self.networks.to(dtype), self._train.to(dtype)
+        return self
+
     def attribute(self, query: Batch) -> Tensor:
         return self._embed(query)[0]
 
