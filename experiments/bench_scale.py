@@ -105,9 +105,9 @@ def interleaved(configs: dict[str, Callable[[], Any]], repeats: int) -> dict[str
 
 
 def ray_executors() -> dict[str, RayExecutor]:
-    """w concurrent workers of the 2 CPUs: each task reserves 2 / w of them, and twice as many tasks
-    as can run are in flight, so that a worker finds its next task queued, not waiting on this driver."""
-    return {f"ray_{w}": RayExecutor(workers=2 * w, cpus_per_task=2.0 / w) for w in (1, 2)}
+    """w workers, one task in flight each (more tasks in flight than Ray's 2 CPUs made Ray start
+    extra worker processes, each importing torch: seconds of CPU, in an earlier run of this script)."""
+    return {f"ray_{w}": RayExecutor(workers=w) for w in (1, 2)}
 
 
 def mib(rss: dict[int, int]) -> list[float]:
@@ -202,7 +202,7 @@ def ray_costs(tasks: int = 17, rows: int = 3072, cols: int = 256) -> dict[str, f
     time.sleep(10)
     idle = (tree_cpu_seconds() - cpu0) / (time.perf_counter() - start)
     block = torch.zeros(rows, cols)
-    ex = RayExecutor(workers=2, cpus_per_task=2.0)
+    ex = RayExecutor(workers=1)
     cpu0, start = tree_cpu_seconds(), time.perf_counter()
     list(ex.map(lambda j: block + j, range(tasks)))
     wall, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu0

@@ -60,8 +60,9 @@ class RayExecutor:
     """Runs jobs as Ray tasks, ``workers`` at a time.
 
     Args:
-        workers: tasks in flight at once; Ray runs as many of them as its CPUs allow (each reserves
-            ``cpus_per_task``) and queues the rest, so more than the CPUs keeps every CPU fed.
+        workers: tasks in flight at once (each reserves ``cpus_per_task`` of Ray's CPUs). Keep it
+            at most the CPUs Ray has: with more in flight, Ray started extra worker processes here
+            (each importing torch, seconds of CPU) for the queued tasks.
         threads: torch threads inside each task (1 keeps the sums in the single-process order).
         address: passed to ``ray.init`` when Ray is not initialised yet (``"auto"``, ``"ray://..."``,
             or None for a local instance).
