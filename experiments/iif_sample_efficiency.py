@@ -217,8 +217,16 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
         if method not in ("ppo", "iif") and "iif" in runs:
             # the variant against the paper's IIF on their common seeds (paired bootstrap)
             entry["efficiency_vs_iif"] = compare(group, runs["iif"], metric)
+            # the paper's IIF against PPO on this arm's seeds only, the row to read the arm beside
+            mine = {r["seed"] for r in group}
+            entry["iif_vs_ppo_same_seeds"] = compare(
+                [r for r in runs["iif"] if r["seed"] in mine], runs["ppo"], metric
+            )
         if method.startswith("iif-adaptive") and "iif" in runs:
             entry["efficiency_vs_ppo_iif_clock"] = compare(group, runs["ppo"], metric, clock_runs=runs["iif"])
+        dropped = [n for r in group for n in r.get("n_dropped", [])]
+        if dropped:
+            entry["dropped_per_round_mean"] = float(np.mean(dropped))
         tails = [t for r in group for t in r.get("score_tails", [])]
         if tails:
             entry["score_tails_mean"] = {k: float(np.nanmean([t[k] for t in tails])) for k in tails[0]}
