@@ -1,0 +1,75 @@
+"""The IIF variants table of docs/results/iif.md from the study's results.json files (issue 20).
+
+One row per arm and environment: SE_ave, SE_peak and RT_peak against PPO (paired bootstrap over
+the arm's seeds, 95 % interval), the paper's IIF against PPO on the same seeds, the arm against IIF
+(paired), the kept fraction, records dropped per round and how concentrated the negative scores
+are (m90: the fraction of the negatives, most negative first, that carries 90 % of their sum).
+
+    python experiments/iif_sample_efficiency.py configs/iif/frozenlake_noslip.yaml \
+        configs/iif/acrobot.yaml --report-only
+    python experiments/iif_variants_table.py results/iif/frozenlake-noslip results/iif/acrobot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _ci(stats: dict[str, float] | None) -> str:
+    if stats is None:
+        return "-"
+    return f"{100 * stats['value']:.1f} [{100 * stats['lo']:.0f}, {100 * stats['hi']:.0f}]"
+
+
+def _rt(eff: dict[str, Any] | None) -> str:
+    if eff is None or eff["timing"] == "none":
+        return "-"
+    return _ci(eff["rt_peak"]) + (" cpu" if eff["timing"] == "cpu" else " wall")
+
+
+def rows(results: dict[str, Any]) -> list[str]:
+    """Markdown rows of one environment's results.json (every arm but PPO)."""
+    kwargs = results["config"].get("env_kwargs") or {}
+    env = results["env_id"] + "".join(f" {k}={v}" for k, v in kwargs.items())
+    out = []
+    for method, entry in results["methods"].items():
+        if method == "ppo":
+            continue
+        eff = entry["efficiency_vs_ppo"]
+        same = entry.get("iif_vs_ppo_same_seeds")
+        vs_iif = entry.get("efficiency_vs_iif")
+        tails = entry.get("score_tails_mean") or {}
+        dropped = entry.get("dropped_per_round_mean")
+        m90 = f"{100 * tails['m90']:.0f} %" if "m90" in tails else "-"
+        out.append(
+            f"| {env} | {method} | {len(eff['seeds'])} | {_ci(eff['se_ave'])} | "
+            f"{_ci(same['se_ave']) if same else '-'} | {_ci(vs_iif['se_ave']) if vs_iif else '-'} | "
+            f"{_ci(eff['se_peak'])} | {_rt(eff)} | {_rt(entry.get('efficiency_vs_ppo_iif_clock'))} | "
+            f"{100 * entry['kept_fraction_mean']:.0f} % | {f'{dropped:.0f}' if dropped else '-'} | "
+            f"{m90} |"
+        )
+    return out
+
+
+HEADER = (
+    "| env | arm | seeds | SE_ave % vs PPO | IIF's SE_ave %, same seeds | SE_ave % vs IIF (paired) | "
+    "SE_peak % | RT_peak % (own clock) | RT_peak % (IIF's clock) | kept | dropped / round | m90 |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="results/iif/<env> folders with results.json")
+    args = ap.parse_args(argv)
+    lines = [HEADER]
+    for folder in args.folders:
+        lines += rows(json.loads((folder / "results.json").read_text()))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
