@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,19 @@ def _dattri_version(python: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _memory_cap(gigabytes: float) -> Callable[[], None]:
+    """A ``preexec_fn`` capping the worker's address space: torch.func.hessian on the MLP
+    materialises d tangents at once, and the machine is shared."""
+
+    def cap() -> None:
+        import resource
+
+        limit = int(gigabytes * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return cap
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default="/tmp/dattri-venv/bin/python", help="interpreter with dattri")
@@ -116,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="method names to run (default: all)")
     parser.add_argument("--out", default="runs/bench_solvers", help="retraining cache (shared)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--mem-cap-gb", type=float, default=8.0, help="address-space cap of the worker")
     args = parser.parse_args(argv)
     version = _dattri_version(args.python)
     if version is None:
@@ -145,7 +160,17 @@ def main(argv: list[str] | None = None) -> None:
                 {"kind": kind, "state": state, "repeats": args.repeats, "only": args.only, **data}, inp
             )
             env = {**os.environ, "TQDM_DISABLE": "1"}  # dattri's progress bars
-            subprocess.run([args.python, __file__, "--worker", inp, out], check=True, env=env)
+            done = subprocess.run(
+                [args.python, __file__, "--worker", inp, out],
+                env=env,
+                preexec_fn=_memory_cap(args.mem_cap_gb),
+            )
+            if done.returncode != 0:
+                print(
+                    f"{kind}: the dattri worker failed (exit {done.returncode}; memory cap {args.mem_cap_gb} GB)"
+                )
+                results["rows"][f"{kind}/dattri"] = {"failed": done.returncode, "mem_cap_gb": args.mem_cap_gb}
+                continue
             rows = torch.load(out, weights_only=True)
         for name, row in rows.items():
             entry = {
