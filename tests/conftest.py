@@ -6,6 +6,11 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch
+
+# Tiny tensors run faster on one thread, and several test modules pin torch at import anyway, which
+# pins the whole session: pin here so that one file run alone behaves (and takes) as in the suite.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
