@@ -81,14 +81,19 @@ def worker(inp: str, out: str) -> None:
         if s["only"] and name not in s["only"]:
             continue
         seconds, scores = [], torch.empty(0)
-        for _ in range(s["repeats"]):
-            t0 = time.perf_counter()
-            attributor = build()
-            attributor.cache(DataLoader(train, batch_size=len(train)))
-            scores = attributor.attribute(
-                DataLoader(train, batch_size=len(train)), DataLoader(test, batch_size=len(test))
-            )
-            seconds.append(time.perf_counter() - t0)
+        try:
+            for _ in range(s["repeats"]):
+                t0 = time.perf_counter()
+                attributor = build()
+                attributor.cache(DataLoader(train, batch_size=len(train)))
+                scores = attributor.attribute(
+                    DataLoader(train, batch_size=len(train)), DataLoader(test, batch_size=len(test))
+                )
+                seconds.append(time.perf_counter() - t0)
+        except (RuntimeError, MemoryError) as err:  # e.g. the memory cap: record it, go on
+            print(f"  dattri {name}: failed ({str(err).splitlines()[0][:160]})", flush=True)
+            results[name] = {"failed": str(err).splitlines()[0][:300]}
+            continue
         results[name] = {"seconds": seconds, "scores": scores.T.detach().double().contiguous()}
         print(f"  dattri {name}: {statistics.median(seconds):.2f} s", flush=True)
     torch.save(results, out)
@@ -173,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             rows = torch.load(out, weights_only=True)
         for name, row in rows.items():
+            if "failed" in row:
+                results["rows"][f"{kind}/dattri {name}"] = {
+                    "failed": row["failed"],
+                    "mem_cap_gb": args.mem_cap_gb,
+                }
+                continue
             entry = {
                 "seconds": row["seconds"],
                 "median_s": statistics.median(row["seconds"]),

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from rlattr.core.methods import STRATEGIES, InfluenceFunction, NewtonStep, RescaledInfluence
+from rlattr.core.methods.solvers import strategy_options
 from rlattr.eval.groundtruth import leave_one_out, subset_masks, subset_retraining
 from rlattr.eval.metrics import lds, loo_correlation
 from rlattr.provenance import provenance
@@ -109,6 +110,8 @@ def methods(s: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         "IF EK-FAC": lambda: InfluenceFunction(task, strategy="ekfac", l2=L2, hessian_data=fisher),
         "RIF": lambda: RescaledInfluence(task, l2=L2, **curv),
     }
+    if "precondition" in strategy_options("cg"):  # the same CG without its Nyström preconditioner
+        table["IF CG (no preconditioner)"] = influence("cg", max_iter=500, tol=1e-6, precondition=0)
     if "arnoldi" in STRATEGIES:
         table["IF Arnoldi"] = influence("arnoldi", rank=100, iterations=200)
     newton = inspect.signature(NewtonStep).parameters
