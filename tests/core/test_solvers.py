@@ -168,7 +168,8 @@ def test_per_record_jacobians_equal_an_autograd_loop() -> None:
         grads = [torch.autograd.grad(z[c], params, retain_graph=True) for c in range(3)]
         rows = [torch.cat([g.reshape(-1) for g in row]) for row in grads]
         torch.testing.assert_close(jac[i], torch.stack(rows), rtol=1e-12, atol=1e-14)
-        want_a = hessian(lambda u: ce_of_logits(u[None], {"y": train["y"][i : i + 1]})[0])(z.detach())
+        label = {"y": train["y"][i : i + 1]}
+        want_a = hessian(lambda u, label=label: ce_of_logits(u[None], label)[0])(z.detach())
         torch.testing.assert_close(a[i], want_a, rtol=1e-12, atol=1e-14)
 
 
