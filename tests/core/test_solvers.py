@@ -157,7 +157,7 @@ def test_per_record_jacobians_equal_an_autograd_loop() -> None:
     """record_curvature_factors: J_i row by row from autograd.grad, A_i from torch.func.hessian."""
     from torch.func import hessian
 
-    from rlattr.core.methods.hessian import record_curvature_factors
+    from rlattr.core.methods.ggn import record_curvature_factors
 
     model, train, _ = _indefinite()
     task = classification_task(model)

@@ -30,12 +30,8 @@ from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, slice_batch
 from rlattr.core.methods.base import Attributor, query_grads
-from rlattr.core.methods.hessian import (
-    ExplicitSolver,
-    ObjectiveHessian,
-    damping_remedy,
-    record_curvature_factors,
-)
+from rlattr.core.methods.ggn import record_curvature_factors
+from rlattr.core.methods.hessian import ExplicitSolver, ObjectiveHessian, damping_remedy
 from rlattr.core.methods.influence import InfluenceFunction
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
@@ -322,4 +318,11 @@ class NewtonStep(Attributor):
         return torch.cat(cols, dim=1)
 
 
-__all__ = ["NewtonStep", "RescaledInfluence", "record_curvature_factors", "woodbury_removal"]
+__all__ = [
+    "NewtonStep",
+    "RescaledInfluence",
+    "record_curvature_factors",
+    "whiten",
+    "woodbury_removal",
+    "woodbury_removal_whitened",
+]
