@@ -67,7 +67,7 @@ def _digest(tensors: dict[str, Tensor]) -> str:
         t = tensors[name].detach().contiguous().cpu()
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.hexdigest()
 
 

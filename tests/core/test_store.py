@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -91,3 +92,16 @@ def test_save_json_is_atomic_and_readable(tmp_path: Path) -> None:
     path = save_json(tmp_path / "cfg.json", {"seed": 3, "env": "CartPole-v1"})
     assert store.load_json(path) == {"seed": 3, "env": "CartPole-v1"}
     assert oct(os.stat(path).st_mode)[-3:] in {"600", "644", "664"}
+
+
+def test_zero_dim_tensors_round_trip_and_their_bytes_are_checked(tmp_path: Path) -> None:
+    # an optimiser's step counter is a 0-dim tensor; the checksum viewed it as bytes and failed
+    step = torch.tensor(7.0)
+    path = save_tensors(tmp_path / "s.safetensors", {"step": step, "w": torch.ones(2)})
+    tensors, _ = load_tensors(path)
+    assert torch.equal(tensors["step"], step) and tensors["step"].shape == ()
+    assert store._digest({"step": step}) != store._digest({"step": torch.tensor(8.0)})
+    # the digest of an n-dim tensor is unchanged by the 0-dim fix: its bytes in row-major order
+    w = torch.arange(6.0).reshape(2, 3)
+    h = hashlib.sha256(b"w" + b"torch.float32(2, 3)" + w.numpy().tobytes())
+    assert store._digest({"w": w}) == h.hexdigest()
