@@ -62,6 +62,11 @@ def woodbury_removal(
     return r, torch.linalg.eigvals(lev).real.max(dim=1).values
 
 
+def whiten(chol: Tensor, vectors: Tensor) -> Tensor:
+    """``(L^-1 v)^T`` for the rows ``vectors: Tensor[k, d]`` (``chol``: the lower factor L)."""
+    return torch.linalg.solve_triangular(chol, vectors.T.to(chol), upper=False).T
+
+
 def woodbury_removal_whitened(chol: Tensor, grads: Tensor, jac: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`woodbury_removal` with ``H = L L^T`` (``chol``: L), in whitened coordinates.
 
@@ -71,19 +76,13 @@ def woodbury_removal_whitened(chol: Tensor, grads: Tensor, jac: Tensor, a: Tenso
     work of the two substitutions of a full solve, and no back substitution at all.
     """
     b, c, d = jac.shape
-    wg = torch.linalg.solve_triangular(chol, grads.T.to(chol), upper=False).T  # [b, d]
-    wj = torch.linalg.solve_triangular(chol, jac.reshape(b * c, d).T.to(chol), upper=False)
-    wj = wj.T.reshape(b, c, d)
+    wg = whiten(chol, grads)  # [b, d]
+    wj = whiten(chol, jac.reshape(b * c, d)).reshape(b, c, d)
     lev = a @ torch.einsum("bcd,bed->bce", wj, wj)
     m = torch.eye(c, dtype=chol.dtype, device=chol.device) - lev
     rhs = a @ torch.einsum("bcd,bd->bc", wj, wg).unsqueeze(-1)
     rows = wg + torch.einsum("bcd,bc->bd", wj, torch.linalg.solve(m, rhs).squeeze(-1))
     return rows, torch.linalg.eigvals(lev).real.max(dim=1).values
-
-
-def whiten(chol: Tensor, vectors: Tensor) -> Tensor:
-    """``(L^-1 v)^T`` for the rows ``vectors: Tensor[k, d]`` (``chol``: the lower factor L)."""
-    return torch.linalg.solve_triangular(chol, vectors.T.to(chol), upper=False).T
 
 
 class RescaledInfluence(InfluenceFunction):
