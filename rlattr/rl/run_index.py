@@ -46,7 +46,7 @@ def run_batch(run: AttributionRun, config: PPOLossConfig) -> tuple[Batch, Tensor
             "config: got advantage_norm='minibatch'; supported: 'buffer' or 'none' (past rounds' minibatch "
             "labels are not stored)"
         )
-    kept = [k for k in run.rounds if run.has_snapshot(k)]
+    kept = run.snapshot_rounds()
     if not kept:
         raise RlattrError(f"run: no saved round keeps its records (scored rounds: {run.rounds[:10]})")
     records = [run.records(k) for k in kept]

@@ -329,6 +329,10 @@ class AttributionRun:
     def has_snapshot(self, k: int) -> bool:
         return (self._folder(k) / "records.safetensors").is_file()
 
+    def snapshot_rounds(self) -> list[int]:
+        """The scored rounds whose full snapshot (records and theta) is still on disk, in round order."""
+        return [k for k in self.rounds if self.has_snapshot(k)]
+
     def records(self, k: int) -> RecordBatch:
         path = self._folder(k) / "records.safetensors"
         if not path.is_file():

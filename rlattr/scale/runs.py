@@ -27,7 +27,7 @@ BuildSpec = Callable[[dict[str, Tensor], RecordBatch], RoundSpec]
 
 
 def _rounds(run: AttributionRun, rounds: Sequence[int] | None) -> list[int]:
-    full = [k for k in run.rounds if run.has_snapshot(k)]
+    full = run.snapshot_rounds()
     if rounds is None:
         if not full:
             raise MissingError(
