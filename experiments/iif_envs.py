@@ -248,6 +248,16 @@ class StudyIIF(IIFCallback):
         super()._on_round_scored(records, scores)
 
 
+def epoch_kept_fraction(entry: dict[str, Any]) -> float:
+    """Mean over a round's epochs of the share of its records that epoch trained on, from one
+    ``filter_history`` entry of ``rescore="epoch"`` (``n_kept`` in epoch 1, then minus each
+    later epoch's drops)."""
+    kept = [int(entry["n_kept"])]
+    for dropped in entry["epoch_drops"]:
+        kept.append(kept[-1] - len(dropped))
+    return float(np.mean(kept)) / int(entry["n_records"])
+
+
 def adaptive_f(cfg: dict[str, Any], method: str) -> float | None:
     """The fraction f of an adaptive arm (``iif-adaptive-<f>``, or ``iif.f`` for ``iif-adaptive``);
     None for the other arms. Raises ValueError naming the method when it is no study arm."""
@@ -322,6 +332,10 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
         "score_seconds": [h["seconds"] for h in (iif.history if iif is not None else [])],
         "min_keep_notes": sum(1 for h in history if h["note"]),
         "n_dropped": [h["n_records"] - h["n_kept"] for h in history],
+        # rescore="epoch": records dropped at the start of epochs 2.. of each round, and the share of
+        # the round's records each epoch trained on, averaged over the epochs
+        "epoch_dropped": [[len(d) for d in h["epoch_drops"]] for h in history if "epoch_drops" in h],
+        "epoch_kept_fraction": [epoch_kept_fraction(h) for h in history if "epoch_drops" in h],
         "score_tails": iif.tails if isinstance(iif, StudyIIF) else [],
         "adaptive_f": f,
     }

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
-from iif_envs import adaptive_f, tail_stats  # noqa: E402
+from iif_envs import adaptive_f, epoch_kept_fraction, tail_stats  # noqa: E402
 from iif_sample_efficiency import compare  # noqa: E402
 
 from rlattr.rl.filtering import make_rule  # noqa: E402
@@ -47,6 +47,16 @@ def test_tail_stats_count_what_the_adaptive_rule_drops(f: float) -> None:
         dropped = make_rule("adaptive", f=f).__call__(scores).n_dropped
         key = "m50" if f == 0.5 else "m90"
         assert dropped == round(tail_stats(scores)[key] * n_neg)
+
+
+def test_epoch_kept_fraction_by_hand() -> None:
+    # 100 records, 80 kept in epoch 1, then 10, 0 and 5 dropped: epochs train on 80, 70, 70, 65
+    entry = {
+        "n_records": 100,
+        "n_kept": 80,
+        "epoch_drops": [[[0, i, 0] for i in range(10)], [], [[0, 1, 0]] * 5],
+    }
+    assert epoch_kept_fraction(entry) == pytest.approx((80 + 70 + 70 + 65) / 4 / 100)
 
 
 def _run(seed: int, curve: list[float], seconds: list[float]) -> dict:
