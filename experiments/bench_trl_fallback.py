@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests packag
 
 from rlattr.callbacks.trl.fused import micro_batch_scores  # noqa: E402
 from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer  # noqa: E402
-from rlattr.core import ghost  # noqa: E402
+from rlattr.core import ghost_layers  # noqa: E402
 from tests.callbacks.trl.test_trainer import PROMPTS, TARGET, N, _generate, make  # noqa: E402
 
 REPEATS = 7
@@ -32,7 +32,7 @@ REPEATS = 7
 
 def main() -> None:
     torch.set_num_threads(1)
-    del ghost._HANDLERS[nn.LayerNorm]
+    del ghost_layers._HANDLERS[nn.LayerNorm]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = make(IIFGRPOTrainer, Path(tmp), AttributionConfig(TARGET, drop=False))

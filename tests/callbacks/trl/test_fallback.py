@@ -17,7 +17,7 @@ from trl import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
 from rlattr.callbacks.trl.trainer import AttributionConfig, IIFGRPOTrainer, keep_rows  # noqa: E402
-from rlattr.core import ghost  # noqa: E402
+from rlattr.core import ghost_layers  # noqa: E402
 from rlattr.errors import RlattrError  # noqa: E402
 from rlattr.rl.filtering import BottomFraction  # noqa: E402
 from tests.callbacks.trl.test_fused import _f_seq_grad, _train_micro_batches, _trainer, micro_batch_of  # noqa: E402
@@ -27,7 +27,7 @@ from tests.callbacks.trl.test_trainer import PROMPTS, TARGET, N, _generate, _gra
 @pytest.fixture
 def no_layernorm_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every LayerNorm (ln_1, ln_2, ln_f of each block) becomes a layer the fused path does not cover."""
-    monkeypatch.delitem(ghost._HANDLERS, nn.LayerNorm)
+    monkeypatch.delitem(ghost_layers._HANDLERS, nn.LayerNorm)
 
 
 def _slow_trainer(tmp_path: Path, loss_type: str, steps: int, attribution: AttributionConfig) -> Any:
