@@ -98,11 +98,11 @@ class RoundContext:
         )
 
     def target_value(self, theta: dict[str, Tensor]) -> Tensor:
-        """The target at a policy: ``Tensor[1]``."""
+        """The target at a policy: ``Tensor[1]`` (``Tensor[m]`` for a target of m components)."""
         assert self.target is not None
         fn, batch = self.target.build(self.actor_eval, self.snapshot.records, self.snapshot.validation)
         with torch.no_grad():
-            return fn({k: theta[k] for k in self.actor_params}, batch).reshape(1).detach().double()
+            return fn({k: theta[k] for k in self.actor_params}, batch).reshape(-1).detach().double()
 
 
 @contextmanager
