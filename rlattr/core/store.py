@@ -110,6 +110,11 @@ def _read_doc(path: Path) -> dict[str, Any]:
     return doc
 
 
+def stored_digest(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a tensor file's tensors, as its header records it (hex), without reading them."""
+    return str(_read_doc(Path(path))["sha256"])
+
+
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metadata of a tensor file, without reading its tensors."""
     return dict(_read_doc(Path(path))["metadata"])

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from rlattr.core.store import load_json, load_tensors, save_json, save_tensors
+from rlattr.core.store import load_json, load_tensors, save_json, save_tensors, stored_digest
 from rlattr.core.task import Params
 from rlattr.errors import RlattrError
 from rlattr.progress import progress_bar
@@ -118,6 +118,7 @@ def collect_jobs(
     extra: Callable[[int], dict[str, Tensor]] | None = None,
     payload: Callable[[int], Any] | None = None,
     description: str = "ground-truth retraining",
+    stored_by_job: bool = False,
 ) -> list[Tensor]:
     """``[job(j) for j in range(count)]`` (``job(j, payload(j))`` with ``payload``), resuming
     from (and saving to) ``out_dir``.
@@ -125,21 +126,30 @@ def collect_jobs(
     Jobs run in this process, in ``processes`` forked workers, or through ``executor`` (one of the
     two). Each finished job is stored as ``job_{j:05d}.safetensors`` (key ``"value"``, plus the
     tensors ``extra(j)`` returns) as soon as it arrives, so a killed run redoes only unfinished jobs.
+    With ``stored_by_job`` (needs ``out_dir``: on a cluster, storage every worker writes) each job
+    writes its own file where it runs and sends back only the file's SHA-256; the returned list
+    then holds each job's stored digest (:func:`job_digest`) instead of its value: read the values
+    from the files (:func:`job_path`) when they are needed.
     """
     if processes < 1:
         raise RlattrError(f"processes: must be >= 1, got {processes}")
     if executor is not None and processes > 1:
         raise RlattrError(f"processes: got {processes} together with an executor; supported: one of the two")
+    if stored_by_job and out_dir is None:
+        raise RlattrError("stored_by_job: got True without out_dir; supported: an out_dir the jobs write to")
     results: dict[int, Tensor] = {}
     folder = Path(out_dir) if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         _check_manifest(folder, {"count": count, **(config or {})})
         for j in range(count):
-            path = folder / f"job_{j:05d}.safetensors"
+            path = job_path(folder, j)
             if path.exists():
-                results[j] = load_tensors(path)[0]["value"]
+                results[j] = job_digest(path) if stored_by_job else load_tensors(path)[0]["value"]
     todo = [j for j in range(count) if j not in results]
+    if stored_by_job:
+        assert folder is not None
+        job = _storing(job, str(folder), extra)
     if executor is not None:
         finished = executor.map(job, todo, payload)
     else:
@@ -149,11 +159,41 @@ def collect_jobs(
     with progress_bar(description, len(todo)) as advance:
         for j, value in finished:
             results[j] = value.detach().cpu()
-            if folder is not None:
+            if stored_by_job:
+                assert folder is not None
+                if not torch.equal(job_digest(job_path(folder, j)), results[j]):
+                    raise RlattrError(
+                        f"out_dir: job {j}'s file does not hold what the job wrote (digest differs)"
+                    )
+            elif folder is not None:
                 tensors = {"value": results[j], **(extra(j) if extra is not None else {})}
                 save_tensors(folder / f"job_{j:05d}.safetensors", tensors, {"index": j})
             advance()
     return [results[j] for j in range(count)]
+
+
+def job_path(folder: str | os.PathLike[str], j: int) -> Path:
+    """Where :func:`collect_jobs` stores job ``j``'s result in ``folder``."""
+    return Path(folder) / f"job_{j:05d}.safetensors"
+
+
+def job_digest(path: str | os.PathLike[str]) -> Tensor:
+    """``Tensor[32]`` (uint8): the SHA-256 of a stored job file's tensors, from its header."""
+    return torch.tensor(list(bytes.fromhex(stored_digest(path))), dtype=torch.uint8)
+
+
+def _storing(
+    job: Callable[..., Tensor], folder: str, extra: Callable[[int], dict[str, Tensor]] | None
+) -> Callable[..., Tensor]:
+    """``job`` that stores its value (and ``extra(j)``) as job j's file where it runs and returns the digest."""
+
+    def stored(j: int, *payload: Any) -> Tensor:
+        value = job(j, *payload).detach().cpu()
+        tensors = {"value": value, **(extra(j) if extra is not None else {})}
+        path = save_tensors(job_path(folder, j), tensors, {"index": j})
+        return job_digest(path)
+
+    return stored
 
 
 def run_jobs(
@@ -283,6 +323,8 @@ __all__ = [
     "JobExecutor",
     "collect_jobs",
     "final_model_gold",
+    "job_digest",
+    "job_path",
     "leave_one_out",
     "run_jobs",
     "subset_masks",

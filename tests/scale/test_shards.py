@@ -10,18 +10,29 @@ import torch
 
 from rlattr.core.methods.influence import InfluenceFunction
 from rlattr.core.methods.representation import AirRep
+from rlattr.core.methods.rif import NewtonStep, RescaledInfluence
 from rlattr.core.methods.similarity import GradCos, GradDot
 from rlattr.core.methods.tracin import TracIn
 from rlattr.core.methods.trak import TRAK
 from rlattr.core.projection import RandomProjection
 from rlattr.core.store import load_tensors
 from rlattr.errors import RlattrError
-from rlattr.scale import RayExecutor, attribute_blocks, shard_bounds, sharded_cache
+from rlattr.scale import (
+    RayExecutor,
+    attribute_blocks,
+    attribute_grid,
+    curvature_chunk,
+    shard_bounds,
+    sharded_cache,
+    sharded_features,
+)
 from rlattr.testing.supervised import (
+    ce_of_logits,
     classification_task,
     load_digits_split,
     make_model,
     margin_weight,
+    per_record_logits,
     per_record_margin,
     train_classifier,
 )
@@ -135,7 +146,9 @@ def test_bad_inputs_name_the_argument(digits, tmp_path: Path) -> None:
     with pytest.raises(RlattrError, match=r"ids: got \(3,\); supported: a Tensor\[150\]"):
         sharded_cache(make(), train, shard_size=CHUNK, ids=torch.arange(3))
     air = AirRep.__new__(AirRep)
-    with pytest.raises(RlattrError, match=r"attributor: got AirRep; supported: GradDot"):
+    with pytest.raises(
+        RlattrError, match=r"attributor: got AirRep, which takes no precomputed features; supported: GradDot"
+    ):
         sharded_cache(air, train, shard_size=CHUNK)
     with pytest.raises(RlattrError, match=r"out: got '.*scores.bin'; supported: a path ending in .npy"):
         attribute_blocks(make().cache(train), query, block_size=8, out=tmp_path / "scores.bin")
@@ -146,3 +159,61 @@ def test_bad_inputs_name_the_argument(digits, tmp_path: Path) -> None:
     sharded_cache(make(), train, shard_size=CHUNK, out_dir=tmp_path / "a")
     with pytest.raises(RlattrError, match=r"out_dir: .* holds results of another configuration"):
         sharded_cache(make(), train, shard_size=2 * CHUNK, out_dir=tmp_path / "a")
+
+
+def test_curvature_shards_on_ray_give_the_single_process_scores(digits, ray_local) -> None:
+    """Curvature shards of one single-process chunk (256 records x 256 columns of the exact
+    Hessian: all 150 records here) give the same scores; smaller shards and the Gauss-Newton matrix
+    (which one process sums in one product over all records) differ by float32 rounding only."""
+    model, train, query = digits
+    task = classification_task(model)
+    curv = {"output": per_record_logits(model), "output_loss": ce_of_logits}
+    makers = [
+        lambda: InfluenceFunction(task, l2=1e-3, damping=0.5, chunk_size=CHUNK),
+        lambda: RescaledInfluence(task, l2=1e-3, damping=0.1, chunk_size=CHUNK, **curv),
+        lambda: NewtonStep(task, l2=1e-3, damping=0.1, hessian="gauss_newton", chunk_size=CHUNK, **curv),
+    ]
+    influence = makers[0]()
+    assert curvature_chunk(influence.curvature_spec(train), influence.curvature_block) == 256
+    ex = RayExecutor(workers=2)
+    expected = makers[0]().cache(train).attribute(query)
+    got = sharded_cache(influence, train, shard_size=2 * CHUNK, curvature_shard_size=256, executor=ex)
+    assert torch.equal(got.attribute(query), expected)
+    assert ex.tasks == 5 + 1  # 5 feature shards, 1 curvature shard
+    for make in makers:
+        expected = make().cache(train).attribute(query)
+        got = sharded_cache(make(), train, shard_size=2 * CHUNK, curvature_shard_size=48, executor=ex)
+        torch.testing.assert_close(got.attribute(query), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tasks_write_their_own_shards_and_the_grid_scores_from_them(
+    digits, ray_local, tmp_path: Path
+) -> None:
+    model, train, query = digits
+    for kind in ("graddot", "tracin"):
+        make = _attributors(model)[kind]
+        expected = make().cache(train).attribute(query)
+        ex = RayExecutor(workers=2)
+        store = tmp_path / kind
+        got = sharded_cache(
+            make(), train, shard_size=3 * CHUNK, executor=ex, out_dir=store, store_in_task=True
+        )
+        assert torch.equal(got.attribute(query), expected)
+        stored = [load_tensors(store / f"job_{j:05d}.safetensors")[0] for j in range(4)]
+        assert torch.equal(torch.cat([t["ids"] for t in stored]), torch.arange(150))
+        assert torch.equal(torch.cat([t["value"][0] for t in stored]), got._require_cache())
+        mtimes = [p.stat().st_mtime_ns for p in sorted(store.glob("job_*.safetensors"))]
+        again = sharded_features(make(), train, shard_size=3 * CHUNK, out_dir=store, store_in_task=True)
+        assert torch.equal(again[0], got._require_cache())
+        assert [p.stat().st_mtime_ns for p in sorted(store.glob("job_*.safetensors"))] == mtimes  # resumed
+        grid = attribute_grid(make(), query, train, shards_dir=store, block_size=CHUNK, executor=ex)
+        assert torch.equal(grid, expected)
+        assert torch.equal(attribute_grid(make(), query, train, shards_dir=store, block_size=32), expected)
+    with pytest.raises(RlattrError, match=r"attributor: got TRAK; supported: GradDot, GradCos, TracIn"):
+        attribute_grid(
+            _attributors(model)["trak"](), query, train, shards_dir=tmp_path / "graddot", block_size=8
+        )
+    with pytest.raises(RlattrError, match=r"shards_dir: holds GradDot features; supported: GradCos's"):
+        attribute_grid(
+            _attributors(model)["gradcos"](), query, train, shards_dir=tmp_path / "graddot", block_size=8
+        )

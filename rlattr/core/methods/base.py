@@ -9,12 +9,14 @@ lowers the query's loss, or raises a target to raise).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, Self
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from rlattr.core.grads import flatten, iter_per_record_grads, target_grads
+from rlattr.core.grads import batch_size, flatten, iter_per_record_grads, target_grads
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
@@ -46,6 +48,53 @@ def group_masks(task: Task, *, dtype: torch.dtype, device: torch.device) -> Tens
         masks[groups.index(task.group_of[name]), start : start + size] = 1.0
         start += size
     return masks
+
+
+FeaturePass = tuple[Task, Params | None, RandomProjection | None]
+"""One per-record featurisation pass of an attributor's ``cache``: the Task whose per-record loss
+is differentiated, the parameters it is differentiated at (None: the model's current ones) and the
+projection applied to the flat gradients (None: none)."""
+
+
+def featurise(task: Task, batch: Batch, feature_pass: FeaturePass, *, chunk_size: int = 128) -> Tensor:
+    """``Tensor[n, k]``: the pass's per-record gradients on ``batch``, flattened in the order of
+    ``task.tracked_names``, then projected (k = the projection's ``dim_out``, or d without one)."""
+    ftask, params, proj = feature_pass
+    rows = []
+    for _, _, g in iter_per_record_grads(ftask, batch, params=params, chunk_size=chunk_size):
+        flat = flatten(g, task.tracked_names)
+        rows.append(proj.project(flat) if proj is not None else flat)
+    return torch.cat(rows)
+
+
+def check_features(features: Sequence[Tensor], passes: list[FeaturePass], n: int) -> list[Tensor]:
+    """``features`` as a list after checking it holds, for each pass, a finite ``Tensor[n, k]`` of
+    the dtype the pass's parameters have; raises an RlattrError naming ``features`` otherwise."""
+    if isinstance(features, Tensor) or not isinstance(features, Sequence) or len(features) != len(passes):
+        got = (
+            f"a Tensor {tuple(features.shape)}"
+            if isinstance(features, Tensor)
+            else f"a {type(features).__name__} of {len(features)}"
+            if isinstance(features, Sequence)
+            else type(features).__name__
+        )
+        raise RlattrError(
+            f"features: got {got}; supported: a list of {len(passes)} Tensor[n, k], one per featurisation pass"
+        )
+    for c, (feats, (task, params, proj)) in enumerate(zip(features, passes, strict=True)):
+        k = proj.dim_out if proj is not None else task.num_params
+        dtype = task.resolve_params(params)[task.tracked_names[0]].dtype
+        if not isinstance(feats, Tensor) or tuple(feats.shape) != (n, k):
+            shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+            raise RlattrError(
+                f"features[{c}]: got {shape}; supported: Tensor[{n}, {k}] (one row per training record)"
+            )
+        if feats.dtype != dtype:
+            raise RlattrError(f"features[{c}]: got dtype {feats.dtype}; supported: {dtype}, the parameters'")
+        bad = int((~torch.isfinite(feats)).any(1).sum())
+        if bad:
+            raise RlattrError(f"features[{c}]: got NaN or inf in {bad} rows; supported: finite features")
+    return list(features)
 
 
 Signature = tuple[object, list[tuple[tuple[int, ...], torch.dtype] | None]]
@@ -104,7 +153,15 @@ def _check_target_query(task: Task, query: Batch) -> None:
 
 
 class Attributor(ABC):
-    """Base class: featurise training records once, score many queries."""
+    """Base class: featurise training records once, score many queries.
+
+    The attributors whose ``cache`` featurises per-record gradients (:meth:`feature_passes`) also
+    take those features precomputed (:meth:`cache_features`, e.g. from shards computed elsewhere:
+    :func:`rlattr.scale.sharded_cache`); the attributors built on a dense curvature also take its
+    sum over the records (``accepts_curvature``).
+    """
+
+    accepts_curvature: ClassVar[bool] = False
 
     def __init__(self, task: Task, *, chunk_size: int = 128) -> None:
         if not isinstance(task, Task):
@@ -155,10 +212,45 @@ class Attributor(ABC):
             cols.append(self.score_vectors([v * mask for v in vectors]))
         return torch.stack(cols, dim=-1)
 
-    def _train_features(self, train: Batch, projector: RandomProjection | None) -> Tensor:
+    def feature_passes(self) -> list[FeaturePass]:
+        """The featurisation passes of ``cache``, in order: pass c gives the c-th features of
+        :meth:`cache_features` (:func:`featurise` computes them)."""
+        raise RlattrError(
+            f"attributor: got {type(self).__name__}, which takes no precomputed features; supported: "
+            "GradDot, GradCos, TracIn, TRAK, InfluenceFunction, RescaledInfluence, NewtonStep"
+        )
+
+    def cache_features(
+        self, train: Batch, features: Sequence[Tensor], *, curvature: Tensor | None = None
+    ) -> Self:
+        """``cache(train)`` with precomputed features: the same state, so the same scores.
+
+        Args:
+            train: the training records (for the query check and, where the method needs them,
+                the curvature or output weights).
+            features: ``[Tensor[n, k_c]]``, one per pass of :meth:`feature_passes`, as
+                :func:`featurise` computes them (finite, in the parameters' dtype).
+            curvature: for attributors with ``accepts_curvature``: the sum over the curvature's
+                records of their Hessian (Gauss-Newton) terms, ``Tensor[d, d]``, as
+                :meth:`rlattr.core.methods.hessian.ObjectiveHessian.record_sum` computes it (summed over
+                shards in order); None: computed here from the records.
+        """
+        passes = self.feature_passes()
+        feats = check_features(features, passes, batch_size(train))
+        if curvature is not None and not self.accepts_curvature:
+            raise RlattrError(
+                f"curvature: got a Tensor for {type(self).__name__}, which has no curvature; supported: None"
+            )
         self._signature = batch_signature(train)
-        rows = []
-        for _, _, g in iter_per_record_grads(self.task, train, chunk_size=self.chunk_size):
-            flat = flatten(g, self.task.tracked_names)
-            rows.append(projector.project(flat) if projector is not None else flat)
-        return torch.cat(rows)
+        self._cache_features(train, feats, curvature)
+        return self
+
+    def _cache_passes(self, train: Batch) -> Self:
+        """``cache`` of the attributors with :meth:`feature_passes`: featurise, then cache from features."""
+        self._signature = batch_signature(train)
+        feats = [featurise(self.task, train, p, chunk_size=self.chunk_size) for p in self.feature_passes()]
+        self._cache_features(train, feats, None)
+        return self
+
+    def _cache_features(self, train: Batch, features: list[Tensor], curvature: Tensor | None) -> None:
+        raise NotImplementedError

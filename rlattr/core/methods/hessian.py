@@ -97,6 +97,9 @@ class ObjectiveHessian:
             ``J: Tensor[n, C, d]``, ``A: Tensor[n, C, C]`` (built once; every product is then two
             matrix products) when J fits in this many bytes; otherwise each product re-runs autograd.
         dense_dim: up to this many parameters, full-batch products go through H built once.
+        record_total: the :meth:`record_sum` of ``batch``, computed elsewhere (e.g. summed over
+            shards of the records): H is finished from it, and every full-batch product goes
+            through it, whatever the dimension; the records are then used only by minibatch products.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class ObjectiveHessian:
         output_loss: Callable[[Tensor, Batch], Tensor] | None = None,
         factor_bytes: int = 1 << 30,
         dense_dim: int = 2048,
+        record_total: Tensor | None = None,
     ) -> None:
         if (output is None) != (output_loss is None):
             raise RlattrError("output, output_loss: pass both (Gauss-Newton curvature) or neither (Hessian)")
@@ -139,6 +143,8 @@ class ObjectiveHessian:
         self.n = batch_size(batch)
         self.normalizer = self.n if normalizer is None else int(normalizer)
         self.chunk_size = chunk_size
+        if record_total is not None:
+            self._dense = self.finish_dense(record_total)
 
     @property
     def dim(self) -> int:
@@ -217,7 +223,7 @@ class ObjectiveHessian:
         every later product is one ``[d, d] @ [d, k]``: cheaper than re-running the records as soon
         as an iterative solver needs more than ``d`` columns in all.
         """
-        if indices is None and self.dim <= self.dense_dim:
+        if indices is None and (self._dense is not None or self.dim <= self.dense_dim):
             if self._dense is None:
                 self._dense = self.dense()
             return self._dense @ v.to(self._dense)
@@ -232,10 +238,17 @@ class ObjectiveHessian:
             av = (a @ (jac.reshape(n * c, d) @ v).reshape(n, c, -1)).reshape(n * c, -1)
             norm = self.normalizer if indices is None else n
             return jac.reshape(n * c, d).T @ av / norm + self.shifted(v)
-        vs = v.T.to(self.theta).contiguous()
         batch = self.batch
         if indices is not None:
             batch = tree_map(lambda x: x[indices.to(x.device)] if isinstance(x, Tensor) else x, batch)
+        vs = v.T.to(self.theta).contiguous()
+        norm = self.normalizer if indices is None else batch_size(batch)
+        return self._record_columns(v, batch) / norm + self.shifted(vs.T)
+
+    def _record_columns(self, v: Tensor, batch: Batch | None = None) -> Tensor:
+        """``sum_i hess l_i v: Tensor[d, k]`` over ``batch`` (default: all records), chunk by chunk."""
+        batch = self.batch if batch is None else batch
+        vs = v.T.to(self.theta).contiguous()
         n = batch_size(batch)
         out = torch.zeros_like(vs)
         # records x vectors per pass held at chunk_size x 256: a narrow product (Arnoldi's, LiSSA's)
@@ -243,44 +256,73 @@ class ObjectiveHessian:
         rows = max(self.chunk_size, self.chunk_size * 256 // vs.shape[0])
         for start in range(0, n, rows):
             out += self._hvp_chunk(slice_batch(batch, start, min(start + rows, n)), vs)
-        norm = self.normalizer if indices is None else n
-        return out.T / norm + self.shifted(vs.T)
+        return out.T
 
     def dense(self, block: int = 256) -> Tensor:
-        """The whole ``Tensor[d, d]`` (small models only), symmetrised.
-
-        The Gauss-Newton matrix comes from per-record factors, ``sum_i J_i^T (A_i J_i)`` over chunks
-        of records, upper blocks only (:func:`add_gram_upper`), whenever a chunk's J fits in
-        ``factor_bytes``; otherwise (and for the Hessian) from ``block`` Hessian-vector products at once.
-        """
-        d = self.dim
+        """The whole ``Tensor[d, d]`` (small models only), symmetrised: :meth:`finish_dense` of
+        :meth:`record_sum`, or of the sum given as ``record_total``."""
         if self._dense is not None:
             return self._dense
-        rows = self._gram_chunk()
-        if rows > 0:
+        return self.finish_dense(self.record_sum(block))
+
+    def record_sum(self, block: int = 256) -> Tensor:
+        """``Tensor[d, d]``: the sum over this operator's records of their Hessian (Gauss-Newton)
+        terms, not normalised, without the shift.
+
+        The Gauss-Newton matrix comes from per-record factors, ``sum_i J_i^T (A_i J_i)`` over chunks
+        of records, upper blocks only (:func:`add_gram_upper`; :meth:`finish_dense` mirrors them),
+        whenever a chunk's J fits in ``factor_bytes``; otherwise (and for the Hessian) from ``block``
+        Hessian-vector products at once, a chunk of records at a time. The record sums of
+        consecutive shards of the records add up (in shard order, from zeros) to the whole batch's:
+        bit for bit when every shard is one of these chunks, else up to rounding.
+        """
+        d = self.dim
+        if self._gram_chunk() > 0:
+            rows = self._gram_chunk()
             h = torch.zeros(d, d, dtype=self.theta.dtype, device=self.theta.device)
             for s in range(0, self.n, rows):
                 jac, a = self._chunk_factors(s, min(s + rows, self.n))
-                flat = jac.reshape(-1, d)
-                add_gram_upper(h, flat, (a @ jac).reshape(-1, d))
-            h = mirror_upper(h).div_(self.normalizer)
-            h.diagonal().add_(self.shifted(torch.ones(d, dtype=h.dtype, device=h.device)))
+                add_gram_upper(h, jac.reshape(-1, d), (a @ jac).reshape(-1, d))
             return h
         eye = torch.eye(d, dtype=self.theta.dtype, device=self.theta.device)
-        cols = [self._product(eye[:, s : s + block], None) for s in range(0, d, block)]
-        h = torch.cat(cols, dim=1)
+        return torch.cat([self._record_columns(eye[:, s : s + block]) for s in range(0, d, block)], dim=1)
+
+    def finish_dense(self, total: Tensor) -> Tensor:
+        """``H: Tensor[d, d]`` from a :meth:`record_sum` of all the records (or a sum of shards'):
+        divided by the normaliser, the shift added, made exactly symmetric."""
+        d = self.dim
+        if tuple(total.shape) != (d, d) or total.dtype != self.theta.dtype:
+            raise RlattrError(
+                f"curvature: got {tuple(total.shape)} {total.dtype}; supported: Tensor[{d}, {d}] of "
+                f"{self.theta.dtype}, a record_sum"
+            )
+        if not bool(torch.isfinite(total).all()):
+            raise RlattrError("curvature: got NaN or inf; supported: a finite record_sum")
+        total = total.to(self.theta.device)
+        eye = torch.ones(d, dtype=total.dtype, device=total.device)
+        if self._record_bytes() <= self.factor_bytes:  # record_sum's upper blocks of factors
+            h = mirror_upper(total.clone()).div_(self.normalizer)
+            h.diagonal().add_(self.shifted(eye))
+            return h
+        h = total / self.normalizer + self.shifted(torch.diag(eye))
         return 0.5 * (h + h.T)
+
+    def _record_bytes(self) -> float:
+        """Bytes of one record's Gauss-Newton factor J (inf for the Hessian: no factors)."""
+        if self.output is None:
+            return float("inf")
+        with torch.no_grad():
+            c = self.output(self.layout.unflatten(self.theta), slice_batch(self.batch, 0, 1)).shape[-1]
+        return c * self.dim * self.theta.element_size()
 
     def _gram_chunk(self) -> int:
         """Records per chunk for the dense Gauss-Newton matrix from factors (0: not from factors)."""
-        if self.output is None:
+        per_record = self._record_bytes()
+        if per_record > self.factor_bytes:
             return 0
         if self._factors is not None or self.factors() is not None:
             return self.n
-        with torch.no_grad():
-            c = self.output(self.layout.unflatten(self.theta), slice_batch(self.batch, 0, 1)).shape[-1]
-        per_record = c * self.dim * self.theta.element_size()
-        return min(256, self.factor_bytes // per_record, self.n)
+        return int(min(256, self.factor_bytes // per_record, self.n))
 
     def _chunk_factors(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         if self._factors is not None:
@@ -315,6 +357,8 @@ class CurvatureSpec:
         chunk_size: records per Hessian-vector-product (or EK-FAC) pass.
         output, output_loss: ``(params, batch) -> Tensor[n, C]`` and ``(z, batch) -> Tensor[n]``:
             the Gauss-Newton matrix instead of the Hessian (None, None: the Hessian).
+        record_total: the curvature's :meth:`ObjectiveHessian.record_sum` over ``batch``, computed
+            elsewhere (shards); None: computed from ``batch``. Solvers of the dense matrix only.
     """
 
     task: Task
@@ -323,16 +367,20 @@ class CurvatureSpec:
     chunk_size: int = 256
     output: Callable[[Params, Batch], Tensor] | None = None
     output_loss: Callable[[Tensor, Batch], Tensor] | None = None
+    record_total: Tensor | None = None
 
-    def hessian(self) -> ObjectiveHessian:
-        """The spec's curvature as an :class:`ObjectiveHessian` operator."""
+    def hessian(self, batch: Batch | None = None) -> ObjectiveHessian:
+        """The spec's curvature as an :class:`ObjectiveHessian` operator (on ``batch`` instead of
+        the spec's records when given: a shard's, whose :meth:`~ObjectiveHessian.record_sum` is
+        the shard's part of the total)."""
         return ObjectiveHessian(
             self.task,
-            self.batch,
+            self.batch if batch is None else batch,
             shift=self.shift,
             chunk_size=self.chunk_size,
             output=self.output,
             output_loss=self.output_loss,
+            record_total=self.record_total if batch is None else None,
         )
 
 
@@ -341,6 +389,7 @@ class HessianSolver:
 
     gauss_newton: ClassVar[bool] = True  # honours CurvatureSpec.output / output_loss
     per_parameter_shift: ClassVar[bool] = True  # honours a Tensor[d] CurvatureSpec.shift
+    record_total: ClassVar[bool] = True  # honours a precomputed CurvatureSpec.record_total
 
     def __init__(self, hessian: ObjectiveHessian) -> None:
         self.h = hessian

@@ -21,12 +21,12 @@ The table and the :class:`~rlattr.core.methods.solvers.Solver` protocol live in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor
 
-from rlattr.core.methods.base import Attributor, group_masks, query_grads
+from rlattr.core.methods.base import Attributor, FeaturePass, group_masks, query_grads
 from rlattr.core.methods.hessian import CurvatureSpec, l2_shift
 from rlattr.core.methods.solvers import Solver, build_solver, check_strategy
 from rlattr.core.task import Batch, L2Spec, Task
@@ -92,18 +92,36 @@ class InfluenceFunction(Attributor):
             raise RuntimeError(f"{type(self).__name__}: call cache(train) first")
         return self._solver
 
-    def cache(self, train: Batch) -> InfluenceFunction:
-        spec = CurvatureSpec(
+    accepts_curvature = True
+
+    @property
+    def curvature_block(self) -> int:
+        """Hessian columns per autograd pass of the dense curvature (the explicit solver's ``block``)."""
+        return int(self.options.get("block", 256))
+
+    def curvature_spec(self, train: Batch, record_total: Tensor | None = None) -> CurvatureSpec:
+        """What :meth:`cache` builds its solver from: H on ``hessian_data`` (default ``train``);
+        with ``record_total`` (the records' :meth:`~rlattr.core.methods.hessian.ObjectiveHessian.record_sum`,
+        computed elsewhere) the solver is finished from it instead of a pass over the records."""
+        return CurvatureSpec(
             self.task,
             train if self.hessian_data is None else self.hessian_data,
             shift=l2_shift(self.task, self.l2, self.damping),
             chunk_size=max(self.chunk_size, 256),
             output=self.output,
             output_loss=self.output_loss,
+            record_total=record_total,
         )
-        self._solver = build_solver(spec, self.strategy, **self.options)
-        self._train = self._train_features(train, None)
-        return self
+
+    def cache(self, train: Batch) -> Self:
+        return self._cache_passes(train)
+
+    def feature_passes(self) -> list[FeaturePass]:
+        return [(self.task, None, None)]
+
+    def _cache_features(self, train: Batch, features: list[Tensor], curvature: Tensor | None) -> None:
+        self._solver = build_solver(self.curvature_spec(train, curvature), self.strategy, **self.options)
+        self._train = features[0]
 
     def query_vectors(self, query: Batch) -> list[Tensor]:
         self._require_cache()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from rlattr.core.methods.base import Attributor, query_grads
+from rlattr.core.methods.base import Attributor, FeaturePass, query_grads
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Task
 from rlattr.errors import RlattrError
@@ -41,8 +41,13 @@ class GradDot(Attributor):
         return feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def cache(self, train: Batch) -> GradDot:
-        self._train = self._prepare(self._train_features(train, self.projector))
-        return self
+        return self._cache_passes(train)
+
+    def feature_passes(self) -> list[FeaturePass]:
+        return [(self.task, None, self.projector)]
+
+    def _cache_features(self, train: Batch, features: list[Tensor], curvature: Tensor | None) -> None:
+        self._train = self._prepare(features[0])
 
     def attribute(self, query: Batch) -> Tensor:
         train = self._require_cache()

@@ -99,6 +99,12 @@ def build_solver(spec: CurvatureSpec, strategy: str, **options: Any) -> Solver:
         gauss_newton=spec.output is not None,
         per_parameter_l2=isinstance(spec.shift, Tensor),
     )
+    if spec.record_total is not None and not getattr(cls, "record_total", False):
+        honour = sorted(s for s, c in STRATEGIES.items() if getattr(c, "record_total", False))
+        raise RlattrError(
+            f"curvature: got a precomputed record sum for strategy {strategy!r}, which builds its own "
+            f"curvature from the records; supported with strategies {honour}"
+        )
     return cls.from_spec(spec, **options)
 
 

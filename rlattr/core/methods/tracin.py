@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from rlattr.core.grads import flatten, iter_per_record_grads
-from rlattr.core.methods.base import Attributor, batch_signature, query_grads
+from rlattr.core.methods.base import Attributor, FeaturePass, query_grads
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError
@@ -73,18 +71,14 @@ class TracIn(Attributor):
         return self.projector.project(x) if self.projector is not None else x
 
     def cache(self, train: Batch) -> TracIn:
-        self._feats = []
-        self._signature = batch_signature(train)
-        for ckpt in self.checkpoints:
-            rows = [
-                self._project(flatten(g, self.task.tracked_names))
-                for _, _, g in iter_per_record_grads(
-                    self.task, train, params=ckpt, chunk_size=self.chunk_size
-                )
-            ]
-            self._feats.append(torch.cat(rows))
+        return self._cache_passes(train)
+
+    def feature_passes(self) -> list[FeaturePass]:
+        return [(self.task, c, self.projector) for c in self.checkpoints]
+
+    def _cache_features(self, train: Batch, features: list[Tensor], curvature: Tensor | None) -> None:
+        self._feats = list(features)
         self._train = self._feats[0]
-        return self
 
     def query_vectors(self, query: Batch) -> list[Tensor]:
         self.check_query(query)

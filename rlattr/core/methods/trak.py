@@ -20,8 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rlattr.core.grads import flatten, iter_per_record_grads
-from rlattr.core.methods.base import Attributor, batch_signature, query_grads
+from rlattr.core.methods.base import Attributor, FeaturePass, featurise, query_grads
 from rlattr.core.methods.tracin import check_checkpoints
 from rlattr.core.projection import ProjectionKind, RandomProjection
 from rlattr.core.task import Batch, Params, Task
@@ -77,21 +76,10 @@ class TRAK(Attributor):
         self._out_task = Task(task.model, output, params=task.tracked_names) if output is not None else None
         self._parts: list[tuple[Tensor, Tensor | None]] = []
 
-    def _features(self, task: Task, batch: Batch, params: Params, proj: RandomProjection | None) -> Tensor:
-        rows = []
-        for _, _, g in iter_per_record_grads(task, batch, params=params, chunk_size=self.chunk_size):
-            flat = flatten(g, self.task.tracked_names)
-            rows.append(proj.project(flat) if proj is not None else flat)
-        return torch.cat(rows)
-
-    def _model_part(
-        self, train: Batch, params: Params, proj: RandomProjection | None
-    ) -> tuple[Tensor, Tensor | None]:
+    def _model_part(self, train: Batch, params: Params, phi: Tensor) -> tuple[Tensor, Tensor | None]:
         if self._out_task is None:
-            phi = self._features(self.task, train, params, proj)
             sign = torch.ones(phi.shape[0], dtype=phi.dtype, device=phi.device)
         else:
-            phi = self._features(self._out_task, train, params, proj)
             w = (
                 self.output_weight(params, train)
                 if self.output_weight is not None
@@ -107,19 +95,23 @@ class TRAK(Attributor):
         return phi, torch.linalg.solve(gram, torch.diag(sign))
 
     def cache(self, train: Batch) -> TRAK:
-        self._signature = batch_signature(train)
-        self._parts = [
-            self._model_part(train, p, proj) for p, proj in zip(self.models, self.projectors, strict=True)
-        ]
+        return self._cache_passes(train)
+
+    def feature_passes(self) -> list[FeaturePass]:
+        task = self._out_task if self._out_task is not None else self.task
+        return [(task, p, proj) for p, proj in zip(self.models, self.projectors, strict=True)]
+
+    def _cache_features(self, train: Batch, features: list[Tensor], curvature: Tensor | None) -> None:
+        self._parts = [self._model_part(train, p, phi) for p, phi in zip(self.models, features, strict=True)]
         self._train = self._parts[0][0]
-        return self
 
     def query_vectors(self, query: Batch) -> list[Tensor]:
         self._require_cache()
         self.check_query(query)
         if self._out_task is None or self.task.target is not None:
             return [query_grads(self.task, query, params=p, chunk_size=self.chunk_size) for p in self.models]
-        return [-self._features(self._out_task, query, p, None) for p in self.models]
+        out = self._out_task
+        return [-featurise(out, query, (out, p, None), chunk_size=self.chunk_size) for p in self.models]
 
     def score_vectors(self, vectors: list[Tensor]) -> Tensor:
         self._require_cache()
