@@ -96,31 +96,34 @@ def per_query_ms(attr: Attributor, queries: dict[str, Tensor], repeats: int) -> 
 def air_labels(s: Setting, a: argparse.Namespace) -> tuple[Tensor, Tensor, float]:
     """Masks and effects (minus the fit-query losses) of the AirRep label subsets."""
     masks = subset_masks(s.cfg.n_train, a.air_subsets, 0.5, seed=1000)  # not the LDS subsets
+    label_dir = "air" if a.air_subsets == 120 else f"air_{a.air_subsets}"  # the store keeps one mask set
 
     def fit_loss(params: dict[str, Tensor]) -> Tensor:
         with torch.no_grad():
             return s.task.loss(params, s.fit_queries)
 
     t0 = time.perf_counter()
-    effects = -subset_retraining(s.retrain, fit_loss, masks, seed=1000, out_dir=Path(a.out) / "air",
+    effects = -subset_retraining(s.retrain, fit_loss, masks, seed=1000, out_dir=Path(a.out) / label_dir,
                                  config={"n_train": s.cfg.n_train, "steps": s.cfg.mlp_steps}, processes=2)  # fmt: skip
     return masks, effects, time.perf_counter() - t0
 
 
 def pick_air_steps(
     s: Setting, a: argparse.Namespace, init: DistilledEmbedding, labels: Any
-) -> dict[int, float]:
-    """LDS on the held-out label subsets (fit queries) for each candidate number of steps."""
+) -> dict[str, dict[int, float]]:
+    """LDS on the held-out label subsets (fit queries) for each objective and number of steps."""
     masks, effects, _ = labels
     k = masks.shape[0] - a.air_val
-    out = {}
-    for steps in a.air_steps:
-        air = AirRep(
-            s.task, init.features, query_features=init.query_features, steps=steps, lr=a.air_lr, init=init
-        )
-        air.cache(s.train)
-        scores = air.fit(s.fit_queries, masks[:k], effects[:k]).attribute(s.fit_queries).double()
-        out[steps] = float(lds(scores, masks[k:], effects[k:]))
+    out: dict[str, dict[int, float]] = {}
+    for objective in a.air_objectives:
+        out[objective] = {}
+        for steps in a.air_steps:
+            air = AirRep(s.task, init.features, query_features=init.query_features, steps=steps,
+                         lr=a.air_lr, init=init, objective=objective)  # fmt: skip
+            air.cache(s.train)
+            scores = air.fit(s.fit_queries, masks[:k], effects[:k]).attribute(s.fit_queries).double()
+            out[objective][steps] = float(lds(scores, masks[k:], effects[k:]))
+        print("AirRep-style", objective, "held-out-subset LDS by steps", out[objective], flush=True)
     return out
 
 
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--air-val", type=int, default=30)
     p.add_argument("--air-steps", type=int, nargs="+", default=[0, 10, 30, 100])
     p.add_argument("--air-lr", type=float, default=3e-4)
+    p.add_argument("--air-objectives", nargs="+", default=["listnet", "rank_corr", "pairwise"])
     p.add_argument("--distill-images", type=int, default=400)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--mlp-steps", type=int, default=300)
@@ -189,12 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(name, build)
     init = built["Distilled (IF explicit)"]  # its encoders are copied to float64 to train
     val = pick_air_steps(s, a, init, labels)
-    best = max(val, key=lambda k: val[k])
-    print("AirRep-style held-out-subset LDS by steps", val, "->", best, flush=True)
+    objective, best = max(((o, k) for o in val for k in val[o]), key=lambda ok: val[ok[0]][ok[1]])
+    print("AirRep-style pick:", objective, best, flush=True)
     masks, effects, t_labels = labels
-    evaluate("AirRep-style", lambda: AirRep(s.task, feats, query_features=query_feats, steps=best, lr=a.air_lr, init=init)
+    evaluate("AirRep-style", lambda: AirRep(s.task, feats, query_features=query_feats, steps=best, lr=a.air_lr,
+                                            init=init, objective=objective)
              .cache(s.train).fit(s.fit_queries, masks, effects).astype(torch.float32))  # fmt: skip
-    rows["AirRep-style"].update({"label_retraining_s": t_labels, "val_lds_by_steps": val, "steps": best})
+    rows["AirRep-style"].update({"label_retraining_s": t_labels, "val_lds_by_objective_steps": val,
+                                 "steps": best, "objective": objective})  # fmt: skip
     for k in (10, 20):
         rows["Distilled (IF explicit)"][f"recall@{k}"] = recall_at_k(scores["Distilled (IF explicit)"],
                                                                      scores["IF explicit"], k)  # fmt: skip

@@ -7,7 +7,14 @@ import torch
 from torch import Tensor, nn
 
 from rlattr.core.methods import Attributor, DistilledEmbedding, GradDot
-from rlattr.core.methods.distill import gradient_features, recall_at_k, reduced_rank_fit, ridge_solve
+from rlattr.core.methods.distill import (
+    factor_query_map,
+    factored_embed,
+    gradient_features,
+    recall_at_k,
+    reduced_rank_fit,
+    ridge_solve,
+)
 from rlattr.core.projection import RandomProjection
 from rlattr.core.task import Batch, Task
 from rlattr.errors import RlattrError
@@ -176,3 +183,29 @@ def test_ridge_options_are_validated():
         DistilledEmbedding(teacher, lambda b: b["x"], solver="ridge", hidden=8)
     with pytest.raises(RlattrError, match="mse_weight, ridge: got 0.1, -1.0"):
         DistilledEmbedding(teacher, lambda b: b["x"], solver="ridge", ridge=-1.0)
+
+
+def test_factored_query_map_matches_the_dense_map_and_counts_rank() -> None:
+    gen = torch.Generator().manual_seed(3)
+    shapes, d, m = [(4, 5), (3, 6)], 7, 9
+    q_map = torch.randn(4 * 5 + 3 * 6, d, generator=gen, dtype=torch.float64)
+    parts = [(torch.randn(m, o, generator=gen, dtype=torch.float64),
+              torch.randn(m, i, generator=gen, dtype=torch.float64)) for o, i in shapes]  # fmt: skip
+    feats = torch.cat([(dl[:, :, None] * a[:, None, :]).flatten(1) for dl, a in parts], 1)  # vec(delta (x) a)
+    exact = factor_query_map(q_map, shapes, rank=5)  # full rank of both layers
+    assert torch.allclose(factored_embed(parts, exact), feats @ q_map, atol=1e-10)
+    one = factor_query_map(q_map, shapes, rank=1)
+    assert [tuple(u.shape) + tuple(v.shape) for u, v in one] == [(4, d, 1, 5, d, 1), (3, d, 1, 6, d, 1)]
+    # rank 1 by hand: the top singular pair of each layer's slice of each column
+    expected = torch.zeros(m, d, dtype=torch.float64)
+    start = 0
+    for (o, i), (dl, a) in zip(shapes, parts, strict=True):
+        for k in range(d):
+            u, s, vh = torch.linalg.svd(q_map[start : start + o * i, k].reshape(o, i))
+            expected[:, k] += s[0] * (dl @ u[:, 0]) * (a @ vh[0])
+        start += o * i
+    assert torch.allclose(factored_embed(parts, one), expected, atol=1e-10)
+    with pytest.raises(RlattrError, match=r"shapes: cover 20 rows; supported: the rows of q_map \(38, 7\)"):
+        factor_query_map(q_map, shapes[:1], rank=1)
+    with pytest.raises(RlattrError, match="rank: got 0; supported: >= 1"):
+        factor_query_map(q_map, shapes, rank=0)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 from rlattr.core.methods import AirRep, Attributor, DistilledEmbedding
-from rlattr.core.methods.representation import pooled_scores
+from rlattr.core.methods.representation import pairwise_loss, pooled_scores, rank_corr_loss
 from rlattr.core.task import Batch, Task
 from rlattr.errors import RlattrError
 from rlattr.eval.groundtruth import subset_masks
@@ -130,3 +132,49 @@ def test_a_distilled_start_is_kept_at_zero_steps_and_corrected_by_subset_effects
     assert after > before + 0.1 and after > 0.9, (before, after)
     with pytest.raises(RlattrError, match="init: got DistilledEmbedding; supported: None or a fitted"):
         AirRep(task, lambda b: b["x"], init=DistilledEmbedding(teacher, lambda b: b["x"]))
+
+
+def test_rank_objectives_against_hand_values():
+    target = torch.tensor([[0.3, -1.0, 2.0, 0.5]], dtype=torch.float64)  # ranks 1, 0, 3, 2
+    assert float(rank_corr_loss(torch.tensor([[1.0, 0.0, 3.0, 2.0]]).double(), target, 1.0)) == pytest.approx(
+        -1.0
+    )
+    assert float(rank_corr_loss(torch.tensor([[2.0, 3.0, 0.0, 1.0]]).double(), target, 1.0)) == pytest.approx(
+        1.0
+    )
+    pred = torch.tensor([[0.2, 0.1, 0.9, -0.4]], dtype=torch.float64)
+    expected = -np.corrcoef(pred[0].numpy(), [1, 0, 3, 2])[0, 1]
+    assert float(rank_corr_loss(pred, target, 1.0)) == pytest.approx(expected)
+    # z = (-1, 0, 1); pairs with target_s > target_t: (1, 0), (2, 0), (2, 1) -> z gaps 1, 2, 1
+    got = pairwise_loss(
+        torch.tensor([[0.0, 1.0, 2.0]]).double(), torch.tensor([[0.0, 1.0, 2.0]]).double(), 0.5
+    )
+    hand = (2 * math.log1p(math.exp(-1 / 0.5)) + math.log1p(math.exp(-2 / 0.5))) / 3
+    assert float(got) == pytest.approx(hand)
+    with pytest.raises(
+        RlattrError, match=r"objective: got 'mse'; supported: \['listnet', 'pairwise', 'rank_corr'\]"
+    ):
+        AirRep(_toy()[0], lambda b: b["x"], objective="mse")
+
+
+@pytest.mark.parametrize("objective", ["rank_corr", "pairwise"])
+def test_rank_objectives_correct_a_distilled_start(objective: str):
+    task, train, fit, held, w = _toy()
+    noise = torch.randn(F, F, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    teacher = _BilinearTeacher(task, w + 0.8 * w.norm() / F * noise)
+    start = (
+        DistilledEmbedding(teacher, lambda b: b["x"], dim=F, solver="ridge", ridge=0.0).cache(train).fit(fit)
+    )
+    masks = subset_masks(60, 300, 0.5, seed=0)
+    effects = _effects(masks, fit, train, w, seed=0)
+    tuned = AirRep(task, lambda b: b["x"], steps=300, lr=1e-2, init=start, objective=objective)
+    tuned.cache(train).fit(fit, masks, effects)
+    new = subset_masks(60, 100, 0.5, seed=9)
+    truth = _effects(new, held, train, w, seed=1).T.numpy()
+
+    def rank_corr(scores: Tensor) -> float:
+        pred = (scores @ new.double().T).numpy()
+        return float(np.mean([spearman(pred[j], truth[j]) for j in range(len(truth))]))
+
+    before, after = rank_corr(start.attribute(held)), rank_corr(tuned.attribute(held))
+    assert after > before + 0.1 and after > 0.9, (before, after)

@@ -25,7 +25,7 @@ to the index), and needs no extra dependency; an approximate library pays off on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -95,6 +95,50 @@ def reduced_rank_fit(
     d = min(dim, *teacher.shape)
     basis = torch.linalg.svd(x @ full, full_matrices=False).Vh[:d].T  # [n, d], orthonormal columns
     return full @ basis, ridge_solve(fr, basis, 1e-10)
+
+
+def factor_query_map(
+    q_map: Tensor, shapes: Sequence[tuple[int, int]], rank: int
+) -> list[tuple[Tensor, Tensor]]:
+    """Per-layer low-rank factors of a linear query map ``q_map: Tensor[P, d]`` on gradient features.
+
+    The rows of ``q_map`` follow the features' layout: layer l's gradient ``delta_l (x) a_l``
+    flattened row-major (``out_l x in_l``, ``shapes[l] = (out_l, in_l)``), layer after layer. For
+    every layer and embedding dimension k the ``out_l x in_l`` slice of column k is replaced by its
+    best rank-``rank`` approximation (SVD). Returns per layer ``(U: Tensor[out_l, d, r], V:
+    Tensor[in_l, d, r])``, singular values folded into U; exact once ``rank >= min(out_l, in_l)``.
+    """
+    if rank < 1:
+        raise RlattrError(f"rank: got {rank}; supported: >= 1")
+    sizes = [o * i for o, i in shapes]
+    if q_map.dim() != 2 or sum(sizes) != q_map.shape[0]:
+        raise RlattrError(
+            f"shapes: cover {sum(sizes)} rows; supported: the rows of q_map {tuple(q_map.shape)}"
+        )
+    d, factors = q_map.shape[1], []
+    for (o, i), block in zip(shapes, q_map.split(sizes), strict=True):
+        u, sv, vh = torch.linalg.svd(block.reshape(o, i, d).permute(2, 0, 1), full_matrices=False)
+        r = min(rank, sv.shape[1])
+        left = (u[:, :, :r] * sv[:, None, :r]).permute(1, 0, 2).contiguous()  # [o, d, r]
+        factors.append((left, vh[:, :r, :].permute(2, 0, 1).contiguous()))  # [i, d, r]
+    return factors
+
+
+def factored_embed(
+    parts: Sequence[tuple[Tensor, Tensor]], factors: Sequence[tuple[Tensor, Tensor]]
+) -> Tensor:
+    """``Tensor[m, d]``: the factored query map applied to per-layer pairs ``(delta_l: Tensor[m, out_l],
+    a_l: Tensor[m, in_l])``, i.e. ``sum_l sum_r (delta_l . U_l[:, k, r]) (a_l . V_l[:, k, r])``,
+    without forming the ``sum_l out_l in_l`` gradient features (cost ``sum_l (out_l + in_l) d r``)."""
+    if len(parts) != len(factors) or not parts:
+        raise RlattrError(f"parts: got {len(parts)} layers; supported: one per factor ({len(factors)})")
+    total: Tensor | None = None
+    for (delta, a), (left, right) in zip(parts, factors, strict=True):
+        o, d, r = left.shape
+        e = ((delta @ left.reshape(o, d * r)) * (a @ right.reshape(right.shape[0], d * r))).reshape(-1, d, r)
+        total = e.sum(-1) if total is None else total + e.sum(-1)
+    assert total is not None
+    return total
 
 
 def make_encoder(n_in: int, hidden: int, dim: int, dtype: torch.dtype) -> nn.Module:
@@ -292,6 +336,8 @@ __all__ = [
     "reduced_rank_fit",
     "ridge_solve",
     "encode_features",
+    "factor_query_map",
+    "factored_embed",
     "listnet_loss",
     "make_encoder",
     "recall_at_k",

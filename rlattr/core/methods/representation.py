@@ -15,6 +15,13 @@ ranks the subsets of each query like their effects (ListNet over the M subsets, 
 :func:`rlattr.core.methods.distill.listnet_loss`). Query and record encoders are separate because
 a training record and a query need not be the same kind of object (the paper shares one encoder).
 
+``objective`` (:data:`OBJECTIVES`): ``"listnet"`` (above); ``"rank_corr"``, minus the Pearson
+correlation, per query, between the pooled scores and the *ranks* of the effects (a Spearman
+surrogate: LDS is that correlation once the scores are ranked too, so it weights every subset
+alike where ListNet's softmax weights the top few); ``"pairwise"``, RankNet's logistic loss
+``log(1 + exp(-(z_s - z_t) / T))`` over every pair of subsets with ``effect_s > effect_t``
+(``z`` the standardised pooled scores).
+
 ``init``: start both encoders from a fitted :class:`DistilledEmbedding` (e.g. one distilled from
 an influence function on gradient features) instead of a random start, the way the paper starts
 from a pretrained encoder: the subset effects then correct a representation that already ranks
@@ -24,6 +31,7 @@ records sensibly, which a few hundred retrained subsets cannot build from scratc
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +44,32 @@ from rlattr.core.methods.distill import (
     encode_features,
     listnet_loss,
     make_encoder,
+    standardize,
 )
 from rlattr.core.task import Batch, Task
 from rlattr.errors import RlattrError
+
+
+def rank_corr_loss(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
+    """``-mean_j pearson(pred[j], rank(target[j]))`` for ``Tensor[m, M]`` rows (``temperature`` unused)."""
+    ranks = target.argsort(1).argsort(1).to(pred)
+    return -(standardize(pred) * standardize(ranks)).sum(1).div(pred.shape[1] - 1).mean()
+
+
+def pairwise_loss(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
+    """Mean over rows and ordered pairs ``target[s] > target[t]`` of ``log(1 + exp(-(z_s - z_t) / T))``,
+    ``z = standardize(pred)`` per row; ``Tensor[m, M]`` rows."""
+    z = standardize(pred)
+    diff = (z[:, :, None] - z[:, None, :]) / temperature
+    above = (target[:, :, None] > target[:, None, :]).to(pred)
+    return (nn.functional.softplus(-diff) * above).sum() / above.sum().clamp_min(1.0)
+
+
+OBJECTIVES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "listnet": listnet_loss,
+    "rank_corr": rank_corr_loss,
+    "pairwise": pairwise_loss,
+}
 
 
 def pooled_scores(scores: Tensor, gate: Tensor, masks: Tensor) -> Tensor:
@@ -60,6 +91,7 @@ class AirRep(Attributor):
         query_features: the query encoder's input (default: ``features``).
         dim, hidden: embedding dimension and hidden width (0: linear encoders).
         steps, lr: full-batch Adam; temperature: T of the ranking loss; seed: initialisation.
+        objective: the loss over each query's subsets, a key of :data:`OBJECTIVES`.
         init: a fitted DistilledEmbedding whose encoders start the fit (its features must be these;
             ``dim`` and ``hidden`` are then its encoders'; ``steps=0`` keeps them as they are).
     """
@@ -77,8 +109,12 @@ class AirRep(Attributor):
         temperature: float = 0.5,
         seed: int = 0,
         init: DistilledEmbedding | None = None,
+        objective: str = "listnet",
     ) -> None:
         super().__init__(task)
+        if objective not in OBJECTIVES:
+            raise RlattrError(f"objective: got {objective!r}; supported: {sorted(OBJECTIVES)}")
+        self.objective = objective
         if init is not None and (not isinstance(init, DistilledEmbedding) or init.query_encoder is None):
             raise RlattrError(
                 f"init: got {type(init).__name__}; supported: None or a fitted DistilledEmbedding"
@@ -132,7 +168,7 @@ class AirRep(Attributor):
             opt.zero_grad()
             rec = mods["record"](self._feats)
             pooled = pooled_scores(mods["query"](fq) @ rec.T, mods["gate"](rec).squeeze(1), masks)
-            loss = listnet_loss(pooled, target, self.temperature)
+            loss = OBJECTIVES[self.objective](pooled, target, self.temperature)
             loss.backward()
             opt.step()
             self.history.append(float(loss.detach()))
@@ -196,4 +232,4 @@ class AirRep(Attributor):
             return pooled_scores(scores, gate, groups)
 
 
-__all__ = ["AirRep", "pooled_scores"]
+__all__ = ["OBJECTIVES", "AirRep", "pairwise_loss", "pooled_scores", "rank_corr_loss"]
