@@ -227,6 +227,11 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
         dropped = [n for r in group for n in r.get("n_dropped", [])]
         if dropped:
             entry["dropped_per_round_mean"] = float(np.mean(dropped))
+        epoch_kept = [k for r in group for k in r.get("epoch_kept_fraction", [])]
+        if epoch_kept:  # rescore="epoch": the share of records the average epoch trained on
+            entry["epoch_kept_fraction_mean"] = float(np.mean(epoch_kept))
+            later = [sum(d) for r in group for d in r.get("epoch_dropped", [])]
+            entry["epoch_dropped_per_round_mean"] = float(np.mean(later))
         tails = [t for r in group for t in r.get("score_tails", [])]
         if tails:
             entry["score_tails_mean"] = {k: float(np.nanmean([t[k] for t in tails])) for k in tails[0]}

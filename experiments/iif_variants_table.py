@@ -44,11 +44,17 @@ def rows(results: dict[str, Any]) -> list[str]:
         tails = entry.get("score_tails_mean") or {}
         dropped = entry.get("dropped_per_round_mean")
         m90 = f"{100 * tails['m90']:.0f} %" if "m90" in tails else "-"
+        kept = f"{100 * entry['kept_fraction_mean']:.0f} %"
+        if "epoch_kept_fraction_mean" in entry:  # rescore="epoch": epoch 1, then the epoch average
+            kept += f" (epoch mean {100 * entry['epoch_kept_fraction_mean']:.0f} %)"
+            dropped_txt = f"{dropped:.0f} + {entry['epoch_dropped_per_round_mean']:.0f} later"
+        else:
+            dropped_txt = f"{dropped:.0f}" if dropped else "-"
         out.append(
             f"| {env} | {method} | {len(eff['seeds'])} | {_ci(eff['se_ave'])} | "
             f"{_ci(same['se_ave']) if same else '-'} | {_ci(vs_iif['se_ave']) if vs_iif else '-'} | "
             f"{_ci(eff['se_peak'])} | {_rt(eff)} | {_rt(entry.get('efficiency_vs_ppo_iif_clock'))} | "
-            f"{100 * entry['kept_fraction_mean']:.0f} % | {f'{dropped:.0f}' if dropped else '-'} | "
+            f"{kept} | {dropped_txt} | "
             f"{m90} |"
         )
     return out
