@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model, snap, returns = record_round(a)
-    print(f"trained {a.round + 1} rounds in {time.perf_counter() - t0:.0f} s; rollout returns {returns}")
+    print(
+        f"trained {a.round + 1} rounds in {time.perf_counter() - t0:.0f} s; rollout returns {returns}",
+        flush=True,
+    )
     assert snap.validation is not None and snap.theta_next is not None
     half = len(snap.validation) // 2
     held_fit = snap.validation.select(torch.arange(half))
@@ -100,20 +103,26 @@ def main(argv: list[str] | None = None) -> None:
     gt_seconds = time.perf_counter() - t0
     ceiling = [float(spearman(values[: a.noise_subsets, j].numpy(), again[:, j].numpy()))
                for j in range(values.shape[1])]  # fmt: skip
-    print(f"ground truth {gt_seconds:.0f} s; noise ceiling per query {np.round(ceiling, 2).tolist()}")
+    print(
+        f"ground truth {gt_seconds:.0f} s; noise ceiling per query {np.round(ceiling, 2).tolist()}",
+        flush=True,
+    )
     rows: dict[str, Any] = {}
     for base in ("grad_dot", "tracin"):
         t0 = time.perf_counter()
-        wr = learned_weights_round(ctx, base, fit_query, every=a.every)
+        wr = learned_weights_round(ctx, base, fit_query, every=a.every, normalize=(False, True))
         rows[base] = {**wr.lds_report(masks, values), "seconds": time.perf_counter() - t0,
-                      "fit_loss_first_last": [wr.history[0], wr.history[-1]]}  # fmt: skip
-        rows[base]["lds_buffer_query"] = float(lds(wr.base_scores()[:1], masks.double(), values[:, :1]))
-        rows[base]["lds_buffer_query_learned_weights"] = float(
-            lds(wr.weighted_scores()[:1], masks.double(), values[:, :1])
-        )
+                      "fit_loss_first_last": {k: [h[0], h[-1]] for k, h in wr.history.items()}}  # fmt: skip
+        for name, scores in (("", wr.base_scores()), *((f"_{v}", wr.weighted_scores(v)) for v in wr.weights)):
+            rows[base][f"lds_buffer_query{name}"] = float(lds(scores[:1], masks.double(), values[:, :1]))
         print(base, {k: round(v, 3) for k, v in rows[base].items() if k.startswith("lds")}, flush=True)
-        print("  weights", {k: round(v, 2) for k, v in rows[base]["weights"].items()}, flush=True)
-        print("  group LDS", {k: round(v, 2) for k, v in rows[base]["group_lds"].items()}, flush=True)
+        for key in (
+            "weights_learned_weights",
+            "weights_learned_weights_normalized",
+            "group_lds",
+            "group_share",
+        ):
+            print(f"  {key}", {k: round(v, 3) for k, v in rows[base][key].items()}, flush=True)
     save_json(a.json, {
         "config": vars(a), "provenance": provenance(), "results": rows, "rollout_returns": returns,
         "n_records": len(snap.records), "n_queries": int(values.shape[1]), "noise_ceiling": ceiling,

@@ -92,42 +92,54 @@ WEIGHT_BASES: dict[str, Callable[[RoundContext, Task, int], Attributor]] = {
 }
 
 
+VARIANTS = {False: "learned_weights", True: "learned_weights_normalized"}
+
+
 @dataclass
 class WeightedRound:
     """A base method's per-group scores of the evaluation queries and the weights fitted elsewhere.
 
     Attributes:
         contrib: ``Tensor[m, n, G]``, each group's part of the base score (they sum to it).
-        weights: ``Tensor[G]``, the learned weights (mean 1). group_names: the G labels.
-        history: the fit's loss per Adam step.
+        weights: ``{variant: Tensor[G]}``, the learned weights of each fit (``learned_weights``,
+            and ``learned_weights_normalized`` for ``LearnedWeights(normalize=True)``).
+        group_names: the G labels. history: ``{variant: the fit's loss per Adam step}``.
     """
 
     contrib: Tensor
-    weights: Tensor
+    weights: dict[str, Tensor]
     group_names: list[str]
-    history: list[float] = field(default_factory=list)
+    history: dict[str, list[float]] = field(default_factory=dict)
 
     def base_scores(self) -> Tensor:
         """``Tensor[m, n]``: the base method (every weight 1)."""
         return self.contrib.sum(-1)
 
-    def weighted_scores(self) -> Tensor:
-        """``Tensor[m, n]``: the base method with the learned weights."""
-        return self.contrib @ self.weights.to(self.contrib)
+    def weighted_scores(self, variant: str = "learned_weights") -> Tensor:
+        """``Tensor[m, n]``: the base method with the weights of ``variant``."""
+        if variant not in self.weights:
+            raise RlattrError(f"variant: got {variant!r}; supported: {sorted(self.weights)}")
+        return self.contrib @ self.weights[variant].to(self.contrib)
+
+    def group_share(self) -> dict[str, float]:
+        """``{group: ||contrib_g||_F / sum_h ||contrib_h||_F}``: how much each group weighs in the scores."""
+        norms = self.contrib.flatten(0, 1).norm(dim=0)
+        return dict(zip(self.group_names, (norms / norms.sum()).tolist(), strict=True))
 
     def lds_report(self, masks: Tensor, values: Tensor) -> dict[str, object]:
-        """LDS of base, weighted and each group alone against subsets ``masks: Tensor[M, n]`` with
-        target values ``values: Tensor[M, m]``; and the weights by group."""
+        """LDS of the base, of each weighted variant and of each group alone against subsets
+        ``masks: Tensor[M, n]`` with target values ``values: Tensor[M, m]``; the weights by group."""
 
         def score(s: Tensor) -> float:
             return float(lds(s, masks.double(), values.double()))
 
-        return {
-            "lds": score(self.base_scores()),
-            "lds_learned_weights": score(self.weighted_scores()),
-            "weights": dict(zip(self.group_names, self.weights.tolist(), strict=True)),
-            "group_lds": {g: score(self.contrib[..., j]) for j, g in enumerate(self.group_names)},
-        }
+        out: dict[str, object] = {"lds": score(self.base_scores())}
+        for variant, w in self.weights.items():
+            out[f"lds_{variant}"] = score(self.weighted_scores(variant))
+            out[f"weights_{variant}"] = dict(zip(self.group_names, w.tolist(), strict=True))
+        out["group_lds"] = {g: score(self.contrib[..., j]) for j, g in enumerate(self.group_names)}
+        out["group_share"] = self.group_share()
+        return out
 
 
 def learned_weights_round(
@@ -137,21 +149,29 @@ def learned_weights_round(
     *,
     groups: GroupSpec = "tensor",
     every: int = 1,
+    normalize: Sequence[bool] = (False,),
     top_k: int | None = None,
     reg: float = 1e-3,
     steps: int = 300,
 ) -> WeightedRound:
     """Fit the weights on ``fit_query`` (a batch of ``ctx.target``'s function, e.g. the ``batch``
-    of another :func:`parts_return_target`) and split the base scores of ``ctx.target``'s own
-    batch by group, all at theta(k)."""
+    of another :func:`parts_return_target`), once per entry of ``normalize`` (see
+    :class:`~rlattr.core.methods.LearnedWeights`), and split the base scores of ``ctx.target``'s
+    own batch by group, all at theta(k)."""
     if base not in WEIGHT_BASES:
         raise RlattrError(f"base: got {base!r}; supported: {sorted(WEIGHT_BASES)}")
+    if not normalize or len(set(normalize)) != len(normalize):
+        raise RlattrError(f"normalize: got {list(normalize)}; supported: distinct booleans, at least one")
+    weights, history = {}, {}
     with params_loaded(ctx.model, ctx.snapshot.theta):
         task, train, query = build_task(ctx, groups)
         attributor = WEIGHT_BASES[base](ctx, task, every).cache(train)
-        weighted = LearnedWeights(attributor, top_k=top_k, reg=reg, steps=steps).cache(train).fit(fit_query)
+        for norm in normalize:
+            fitted = LearnedWeights(attributor, top_k=top_k, reg=reg, steps=steps, normalize=norm)
+            fitted.cache(train).fit(fit_query)
+            weights[VARIANTS[norm]], history[VARIANTS[norm]] = fitted.weights.double(), fitted.history
         contrib = attributor.attribute_by_group(query).detach().double()
-    return WeightedRound(contrib, weighted.weights.double(), list(task.group_names), weighted.history)
+    return WeightedRound(contrib, weights, list(task.group_names), history)
 
 
 def build_task(ctx: RoundContext, groups: GroupSpec) -> tuple[Task, Batch, Batch]:
@@ -160,6 +180,7 @@ def build_task(ctx: RoundContext, groups: GroupSpec) -> tuple[Task, Batch, Batch
 
 
 __all__ = [
+    "VARIANTS",
     "WEIGHT_BASES",
     "WeightedRound",
     "build_task",

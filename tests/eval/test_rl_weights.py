@@ -128,7 +128,7 @@ def test_group_parts_sum_to_a_for_loop_score(ctx: RoundContext, base: str) -> No
     assert ctx.snapshot.validation is not None
     fit = parts_return_target([ctx.snapshot.validation]).batch
     assert fit is not None
-    wr = learned_weights_round(ctx, base, fit, steps=50)
+    wr = learned_weights_round(ctx, base, fit, steps=50, normalize=(False, True))
     n = len(ctx.snapshot.records)
     assert wr.contrib.shape == (3, n, len(ctx.actor_params))  # one group per tensor
     assert wr.group_names == ctx.actor_params
@@ -138,10 +138,14 @@ def test_group_parts_sum_to_a_for_loop_score(ctx: RoundContext, base: str) -> No
         expected = brute_force(ctx, epoch_checkpoints(ctx), ctx.snapshot.hyper.learning_rate)
     scale = float(expected.abs().max())
     assert float((wr.base_scores() - expected).abs().max()) <= 1e-4 * scale
-    assert float(wr.weights.mean()) == pytest.approx(1.0)
-    assert float(wr.weights.std()) > 1e-4  # the fit moved them
-    hand = sum(wr.weights[g] * wr.contrib[..., g] for g in range(wr.contrib.shape[-1]))
+    w = wr.weights["learned_weights"]
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert float(w.std()) > 1e-4  # the fit moved them
+    hand = sum(w[g] * wr.contrib[..., g] for g in range(wr.contrib.shape[-1]))
     assert torch.allclose(wr.weighted_scores(), hand)
+    assert set(wr.weights) == {"learned_weights", "learned_weights_normalized"}
+    norms = [float(wr.contrib[..., g].norm()) for g in range(wr.contrib.shape[-1])]
+    assert list(wr.group_share().values()) == pytest.approx([x / sum(norms) for x in norms])
 
 
 def test_lds_report_against_direct_lds(ctx: RoundContext) -> None:
@@ -149,7 +153,9 @@ def test_lds_report_against_direct_lds(ctx: RoundContext) -> None:
     assert values.shape == (6, 3) and torch.equal(masks, subset_masks(len(ctx.snapshot.records), 6, 0.5, 3))
     gen = torch.Generator().manual_seed(0)
     contrib = torch.randn(3, len(ctx.snapshot.records), 2, generator=gen, dtype=torch.float64)
-    wr = WeightedRound(contrib, torch.tensor([1.5, 0.5], dtype=torch.float64), ["a", "b"])
+    wr = WeightedRound(
+        contrib, {"learned_weights": torch.tensor([1.5, 0.5], dtype=torch.float64)}, ["a", "b"]
+    )
     report = wr.lds_report(masks, values)
     assert report["lds"] == pytest.approx(
         float(lds(contrib[..., 0] + contrib[..., 1], masks.double(), values))
@@ -160,12 +166,16 @@ def test_lds_report_against_direct_lds(ctx: RoundContext) -> None:
         "a": pytest.approx(float(lds(contrib[..., 0], masks.double(), values))),
         "b": pytest.approx(float(lds(contrib[..., 1], masks.double(), values))),
     }
-    assert report["weights"] == {"a": 1.5, "b": 0.5}
+    assert report["weights_learned_weights"] == {"a": 1.5, "b": 0.5}
+    with pytest.raises(RlattrError, match=r"variant: got 'x'; supported: \['learned_weights'\]"):
+        wr.weighted_scores("x")
 
 
 def test_argument_errors(ctx: RoundContext) -> None:
     with pytest.raises(RlattrError, match=r"base: got 'trak'; supported: \['grad_dot', 'tracin'\]"):
         learned_weights_round(ctx, "trak", {})
+    with pytest.raises(RlattrError, match=r"normalize: got \[True, True\]; supported: distinct booleans"):
+        learned_weights_round(ctx, "grad_dot", {}, normalize=(True, True))
     with pytest.raises(RlattrError, match="parts: expected a non-empty list of RecordBatch"):
         parts_return_target([])
     dict_obs = replace(ctx.snapshot.records, observations={"x": torch.zeros(len(ctx.snapshot.records), 2)})

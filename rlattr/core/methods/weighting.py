@@ -13,6 +13,12 @@ from unlabelled queries alone, by minimising
 
 which rewards weightings under which a few training records stand out for each query; the top-k
 set is recomputed at every step. Per-group contributions are computed once per query batch.
+
+``normalize=True`` fits on each group's contribution divided by its scale on the fit queries
+(``s_g = ||tau_g||_F / mean_h ||tau_h||_F``) and returns ``w_g / s_g``: when one group's
+contributions are orders of magnitude larger than the others', the objective is flat in the other
+weights (the ratio above is scale-invariant, so it hardly moves with them) and Adam barely leaves
+the start; on the normalised parts every weight matters alike.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class LearnedWeights(Attributor):
         top_k: k of the objective (default: 1% of the training records, at least 1).
         reg: coefficient of ``||w||^2``.
         steps, lr: Adam steps and learning rate on the softmax logits.
+        normalize: fit on scale-normalised group contributions (see the module docstring).
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class LearnedWeights(Attributor):
         reg: float = 1e-3,
         steps: int = 300,
         lr: float = 0.05,
+        normalize: bool = False,
     ) -> None:
         if not isinstance(base, Attributor):
             raise TypeError(f"base: expected an Attributor, got {type(base).__name__}")
@@ -63,6 +71,7 @@ class LearnedWeights(Attributor):
         if reg < 0 or steps < 0 or lr <= 0:
             raise RlattrError(f"reg, steps, lr: need reg >= 0, steps >= 0, lr > 0; got {reg}, {steps}, {lr}")
         self.base, self.top_k, self.reg, self.steps, self.lr = base, top_k, reg, steps, lr
+        self.normalize = normalize
         first = next(iter(self.task.tracked_params().values()))
         self.weights = torch.ones(len(self.task.group_names), dtype=first.dtype, device=first.device)
         self.history: list[float] = []
@@ -88,6 +97,14 @@ class LearnedWeights(Attributor):
             )
         contrib = self.base.attribute_by_group(queries).detach().double()
         n, g = contrib.shape[1], contrib.shape[2]
+        norms = contrib.flatten(0, 1).norm(dim=0)
+        scale = norms / norms.mean() if self.normalize else torch.ones_like(norms)
+        silent = [name for name, x in zip(self.task.group_names, scale.tolist(), strict=True) if not x > 0]
+        if silent:
+            raise RlattrError(
+                f"queries: group(s) {silent} contribute 0 to every score; supported with normalize=False"
+            )
+        contrib = contrib / scale
         k = self.top_k if self.top_k is not None else max(1, math.ceil(0.01 * n))
         if k > n:
             raise RlattrError(f"top_k: {k} exceeds the {n} training records")
@@ -100,7 +117,7 @@ class LearnedWeights(Attributor):
             loss.backward()
             opt.step()
             self.history.append(float(loss.detach()))
-        self.weights = (g * torch.softmax(logits.detach(), 0)).to(self.weights)
+        self.weights = (g * torch.softmax(logits.detach(), 0) / scale).to(self.weights)
         return self
 
     def attribute(self, query: Batch) -> Tensor:
