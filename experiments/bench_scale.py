@@ -104,10 +104,14 @@ def interleaved(configs: dict[str, Callable[[], Any]], repeats: int) -> dict[str
     return out
 
 
-def ray_executors() -> dict[str, RayExecutor]:
-    """w workers, one task in flight each (more tasks in flight than Ray's 2 CPUs made Ray start
-    extra worker processes, each importing torch: seconds of CPU, in an earlier run of this script)."""
-    return {f"ray_{w}": RayExecutor(workers=w) for w in (1, 2)}
+def ray_executors(queued: int) -> dict[str, RayExecutor]:
+    """1 and 2 tasks at a time, ``queued`` more submitted ahead (0 by default: a queue made Ray start
+    extra worker processes here, each importing torch; with ``queued`` the 1-worker tasks reserve
+    both CPUs, so that queued tasks wait instead of running beside it)."""
+    return {
+        "ray_1": RayExecutor(workers=1, cpus_per_task=2 if queued else 1, queued=queued),
+        "ray_2": RayExecutor(workers=2, queued=queued),
+    }
 
 
 def mib(rss: dict[int, int]) -> list[float]:
@@ -129,7 +133,7 @@ def bench_features(train: dict[str, Tensor], args: argparse.Namespace, model: nn
     proj = RandomProjection(task.num_params, args.proj_dim, seed=0)
     n = train["y"].shape[0]
     shard = max(args.chunk, (n // args.shards) // args.chunk * args.chunk)
-    executors = ray_executors()
+    executors = ray_executors(args.queued)
 
     def single() -> Tensor:
         return GradDot(task, projector=proj, chunk_size=args.chunk).cache(train)._require_cache()
@@ -165,7 +169,7 @@ def bench_lds(train: dict[str, Tensor], args: argparse.Namespace, steps: int) ->
             return nn.functional.cross_entropy(model(xq), yq, reduction="none")
 
     masks = subset_masks(x.shape[0], args.subsets, seed=0)
-    executors = ray_executors()
+    executors = ray_executors(args.queued)
 
     def run(**kwargs: Any) -> Callable[[], Tensor]:
         return lambda: subset_retraining(retrain, evaluate, masks, **kwargs)
@@ -220,6 +224,7 @@ def main() -> None:
     parser.add_argument("--digits-steps", type=int, default=300)
     parser.add_argument("--synthetic-steps", type=int, default=10)
     parser.add_argument("--only", choices=["features", "lds", "all"], default="all")
+    parser.add_argument("--queued", type=int, default=0, help="RayExecutor(queued=): tasks submitted ahead")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)

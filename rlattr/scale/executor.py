@@ -75,13 +75,17 @@ class RayExecutor:
     """Runs jobs as Ray tasks, ``workers`` at a time.
 
     Args:
-        workers: tasks in flight at once (each reserves ``cpus_per_task`` of Ray's CPUs). Keep it
-            at most the CPUs Ray has: with more in flight, Ray started extra worker processes here
-            (each importing torch, seconds of CPU) for the queued tasks.
+        workers: tasks running at once (each reserves ``cpus_per_task`` of Ray's CPUs).
         threads: torch threads inside each task (1 keeps the sums in the single-process order).
         address: passed to ``ray.init`` when Ray is not initialised yet (``"auto"``, ``"ray://..."``,
             or None for a local instance).
         cpus_per_task: Ray's ``num_cpus`` per task.
+        queued: tasks submitted beyond ``workers``, waiting in Ray's queue for a free worker
+            (they run at once where Ray has more free CPUs than ``workers`` x ``cpus_per_task``).
+            0 by default: with a queue, Ray started extra worker processes here (each importing
+            torch: 2.8x the CPU of one process featurising 50,000 records, docs/results/scale.md).
+            Without one, the next task is submitted as soon as a task finishes, its payload
+            already in the object store, before the finished task's result is fetched.
 
     After a ``map``, ``peak_rss`` maps each worker process id that ran a task to the highest
     peak resident memory (bytes) it reported, ``tasks`` counts the tasks run and ``cpu_seconds``
@@ -92,6 +96,7 @@ class RayExecutor:
     threads: int = 1
     address: str | None = None
     cpus_per_task: float = 1.0
+    queued: int = 0
     peak_rss: dict[int, int] = field(default_factory=dict)
     tasks: int = 0
     cpu_seconds: float = 0.0
@@ -99,6 +104,7 @@ class RayExecutor:
     def __post_init__(self) -> None:
         check_int("workers", self.workers)
         check_int("threads", self.threads)
+        check_int("queued", self.queued, 0)
         if isinstance(self.cpus_per_task, bool) or not (
             isinstance(self.cpus_per_task, int | float) and self.cpus_per_task > 0
         ):
@@ -119,8 +125,8 @@ class RayExecutor:
     ) -> Iterator[tuple[int, _T]]:
         """Yield ``(j, job(j))`` (``job(j, payload(j))``) for every j of ``todo`` as the Ray tasks
         finish (any order). ``job`` goes to the object store once and is unpickled once per worker
-        process (kept there for the map's later tasks); ``payload(j)`` is computed here when task j
-        is submitted and shipped with it alone."""
+        process (kept there for the map's later tasks); ``payload(j)`` is computed and put into the
+        object store here one task ahead of its submission, and shipped with task j alone."""
         todo = list(todo)
         if not todo:
             return
@@ -129,23 +135,32 @@ class RayExecutor:
         pending: list[Any] = []
         queue = iter(todo)
 
-        def submit() -> None:
+        def prepare() -> tuple[int, tuple[Any, ...]] | None:
             j = next(queue, None)
-            if j is not None:
-                extra = () if payload is None else (payload(j),)
-                pending.append(remote.remote([job_ref], j, self.threads, *extra))
+            if j is None:
+                return None
+            return j, () if payload is None else (ray.put(payload(j)),)
 
-        for _ in range(self.workers):
-            submit()
+        def submit(ready: tuple[int, tuple[Any, ...]] | None) -> tuple[int, tuple[Any, ...]] | None:
+            """Submit the prepared task; return the next one, prepared (its payload already in the store)."""
+            if ready is not None:
+                pending.append(remote.remote([job_ref], ready[0], self.threads, *ready[1]))
+            return prepare()
+
+        ready = prepare()
+        for _ in range(self.workers + self.queued):
+            ready = submit(ready)
         try:
             while pending:
                 done, _ = ray.wait(pending, num_returns=1)
                 pending.remove(done[0])
+                # the next task goes out before this result is fetched and the one after prepared:
+                # the worker that just finished waits one round trip, not the driver's work too
+                ready = submit(ready)
                 j, value, pid, rss, cpu = ray.get(done[0])
                 self.peak_rss[pid] = max(rss, self.peak_rss.get(pid, 0))
                 self.tasks += 1
                 self.cpu_seconds += cpu
-                submit()
                 yield j, value
         finally:  # the caller stopped early (an error, a KeyboardInterrupt): do not leave tasks running
             for ref in pending:

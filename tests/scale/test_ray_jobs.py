@@ -82,9 +82,10 @@ def test_a_killed_ground_truth_run_on_ray_resumes_job_by_job(ray_local, tmp_path
 
     out = tmp_path / "gt"
     with pytest.raises(RuntimeError, match="killed"):
-        subset_retraining(dying, evaluate, masks, seed=3, out_dir=out, executor=RayExecutor(workers=1))
+        one_at_a_time = RayExecutor(workers=1, queued=0)
+        subset_retraining(dying, evaluate, masks, seed=3, out_dir=out, executor=one_at_a_time)
     stored = sorted(int(p.stem[4:]) for p in out.glob("job_*.safetensors"))
-    assert stored == [0, 1, 2]  # one task at a time: the jobs before the failing one
+    assert stored == [0, 1, 2]  # one task at a time, none queued: the jobs before the failing one
     for p in marks.iterdir():
         p.unlink()
 

@@ -156,6 +156,8 @@ def test_bad_inputs_name_the_argument(digits, tmp_path: Path) -> None:
         RayExecutor(workers=0)
     with pytest.raises(RlattrError, match=r"cpus_per_task: got -1; supported: a number > 0"):
         RayExecutor(cpus_per_task=-1)
+    with pytest.raises(RlattrError, match=r"queued: expected an integer >= 0, got -1"):
+        RayExecutor(queued=-1)
     sharded_cache(make(), train, shard_size=CHUNK, out_dir=tmp_path / "a")
     with pytest.raises(RlattrError, match=r"out_dir: .* holds results of another configuration"):
         sharded_cache(make(), train, shard_size=2 * CHUNK, out_dir=tmp_path / "a")
