@@ -75,11 +75,13 @@ def test_parts_target_is_each_parts_mean_surrogate(ctx: RoundContext) -> None:
     ]
     with params_loaded(ctx.model, snap.theta), torch.no_grad():
         for j, part in enumerate(parts):
-            expected = sum(
-                float(log_probs(ctx, part.observations[t : t + 1], part.actions[t : t + 1])[0]) * float(a)
+            obs = part.observations
+            assert isinstance(obs, torch.Tensor)
+            terms = [
+                float(log_probs(ctx, obs[t : t + 1], part.actions[t : t + 1])[0]) * float(a)
                 for t, a in enumerate(part.advantages)
-            ) / len(part)
-            assert float(values[j]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+            ]
+            assert float(values[j]) == pytest.approx(sum(terms) / len(part), rel=1e-5, abs=1e-7)
 
 
 def test_epoch_checkpoints_start_at_theta_k_and_follow_the_replay(ctx: RoundContext) -> None:
@@ -113,8 +115,10 @@ def brute_force(ctx: RoundContext, checkpoints: list[dict[str, torch.Tensor]], l
                 torch.cat([g.flatten() for g in torch.autograd.grad(f[j], params, retain_graph=True)])
                 for j in range(3)
             ]
+            obs = rec.observations
+            assert isinstance(obs, torch.Tensor)
             for i in range(len(rec)):
-                lp = log_probs(ctx, rec.observations[i : i + 1], rec.actions[i : i + 1])[0]
+                lp = log_probs(ctx, obs[i : i + 1], rec.actions[i : i + 1])[0]
                 r = torch.exp(lp - rec.old_log_prob[i])
                 surrogate = torch.min(norm[i] * r, norm[i] * torch.clamp(r, 1 - clip, 1 + clip))
                 g_i = torch.cat([g.flatten() for g in torch.autograd.grad(surrogate, params)])
@@ -141,7 +145,7 @@ def test_group_parts_sum_to_a_for_loop_score(ctx: RoundContext, base: str) -> No
     w = wr.weights["learned_weights"]
     assert float(w.mean()) == pytest.approx(1.0)
     assert float(w.std()) > 1e-4  # the fit moved them
-    hand = sum(w[g] * wr.contrib[..., g] for g in range(wr.contrib.shape[-1]))
+    hand = torch.stack([w[g] * wr.contrib[..., g] for g in range(wr.contrib.shape[-1])]).sum(0)
     assert torch.allclose(wr.weighted_scores(), hand)
     assert set(wr.weights) == {"learned_weights", "learned_weights_normalized"}
     norms = [float(wr.contrib[..., g].norm()) for g in range(wr.contrib.shape[-1])]
