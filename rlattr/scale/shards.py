@@ -130,10 +130,10 @@ def sharded_features(
 
 
 def curvature_chunk(spec: CurvatureSpec, block: int) -> int:
-    """Records per chunk of the single-process Hessian record sum (``block`` columns per pass, at
-    most d): curvature shards of this size reproduce it bit for bit."""
-    cols = min(block, spec.task.num_params)
-    return max(spec.chunk_size, spec.chunk_size * 256 // cols)
+    """Records per chunk of the single-process Hessian record sum
+    (:meth:`~rlattr.core.methods.hessian.ObjectiveHessian.record_chunk`, without building the
+    operator): curvature shards of this size reproduce it bit for bit."""
+    return max(spec.chunk_size, spec.chunk_size * 256 // min(block, spec.task.num_params))
 
 
 def sharded_curvature(

@@ -141,6 +141,10 @@ def test_sharded_record_sums_match_the_whole_up_to_rounding(mlp) -> None:
     whole = spec.hessian().record_sum()
     assert torch.equal(_shard_sum(spec, 13, 256), whole)
     torch.testing.assert_close(_shard_sum(spec, 8, 256), whole, rtol=1e-12, atol=1e-12)
+    # 32 columns a pass (75 = 32 + 32 + 11): 4 x 256 // 32 = 32 records for every block, the narrow
+    # last one too, so shards of 32 (32 + 8 records) still add up bit for bit
+    assert spec.hessian().record_chunk(32) == 32
+    assert torch.equal(_shard_sum(spec, 32, 32), spec.hessian().record_sum(block=32))
     gn = CurvatureSpec(
         mlp.task, mlp.train, shift=mlp.l2, output=per_record_logits(mlp.model), output_loss=ce_of_logits
     )

@@ -245,15 +245,16 @@ class ObjectiveHessian:
         norm = self.normalizer if indices is None else batch_size(batch)
         return self._record_columns(v, batch) / norm + self.shifted(vs.T)
 
-    def _record_columns(self, v: Tensor, batch: Batch | None = None) -> Tensor:
-        """``sum_i hess l_i v: Tensor[d, k]`` over ``batch`` (default: all records), chunk by chunk."""
+    def _record_columns(self, v: Tensor, batch: Batch | None = None, rows: int | None = None) -> Tensor:
+        """``sum_i hess l_i v: Tensor[d, k]`` over ``batch`` (default: all records), ``rows``
+        records at a time."""
         batch = self.batch if batch is None else batch
         vs = v.T.to(self.theta).contiguous()
         n = batch_size(batch)
         out = torch.zeros_like(vs)
         # records x vectors per pass held at chunk_size x 256: a narrow product (Arnoldi's, LiSSA's)
         # takes more records per pass (one vector on the digits MLP: 28 ms a product, not 70-130 ms)
-        rows = max(self.chunk_size, self.chunk_size * 256 // vs.shape[0])
+        rows = max(self.chunk_size, self.chunk_size * 256 // vs.shape[0]) if rows is None else rows
         for start in range(0, n, rows):
             out += self._hvp_chunk(slice_batch(batch, start, min(start + rows, n)), vs)
         return out.T
@@ -285,7 +286,15 @@ class ObjectiveHessian:
                 add_gram_upper(h, jac.reshape(-1, d), (a @ jac).reshape(-1, d))
             return h
         eye = torch.eye(d, dtype=self.theta.dtype, device=self.theta.device)
-        return torch.cat([self._record_columns(eye[:, s : s + block]) for s in range(0, d, block)], dim=1)
+        rows = self.record_chunk(block)  # the same records per pass for every block, a narrower last one too
+        return torch.cat(
+            [self._record_columns(eye[:, s : s + block], rows=rows) for s in range(0, d, block)], dim=1
+        )
+
+    def record_chunk(self, block: int = 256) -> int:
+        """Records per autograd pass of :meth:`record_sum` with ``block`` columns: shards of the
+        records of this size (the last may be shorter) add up to the whole sum bit for bit."""
+        return max(self.chunk_size, self.chunk_size * 256 // min(block, self.dim))
 
     def finish_dense(self, total: Tensor) -> Tensor:
         """``H: Tensor[d, d]`` from a :meth:`record_sum` of all the records (or a sum of shards'):
