@@ -33,7 +33,7 @@ def mlp():
 def _makers(p) -> dict[str, Any]:
     task, proj = p.task, RandomProjection(p.task.num_params, 7, seed=1)
     later = {k: v + 0.01 for k, v in task.tracked_params().items()}
-    curv = {"output": per_record_logits(p.model), "output_loss": ce_of_logits}
+    curv: dict[str, Any] = {"output": per_record_logits(p.model), "output_loss": ce_of_logits}
     return {
         "graddot": lambda: GradDot(task, projector=proj, chunk_size=8),
         "gradcos": lambda: GradCos(task, chunk_size=8),
