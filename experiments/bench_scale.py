@@ -10,6 +10,9 @@ parameters, float32): the digits split (1,000 training records) and a 50,000-rec
 * LDS ground truth: :func:`rlattr.eval.groundtruth.subset_retraining` of ``--subsets`` half
   subsets in this process, in 2 forked processes (today's parallel path) and on Ray (1, 2 workers).
 
+``--only curvature`` instead checks the sharded influence curvature against one process on the
+digits MLP (bit for bit, or the max abs differences; no timing, no Ray).
+
 Torch runs one thread everywhere (this process and every task), so results must be bit-identical.
 Every configuration runs once untimed (warm-up), then ``--repeats`` rounds run every configuration
 in turn (interleaved, so that a shared machine's changing load hits them alike); reported are the
