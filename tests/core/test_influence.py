@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from rlattr.core.methods import InfluenceFunction, self_influence
-from rlattr.core.methods.hessian import LiSSASolver, ObjectiveHessian
+from rlattr.core.methods.hessian import ObjectiveHessian
+from rlattr.core.methods.lissa import LiSSASolver
 from rlattr.testing.supervised import ce_of_logits, classification_task, per_record_logits
 from tests.core._tda import logreg_closed_form, logreg_problem, mlp_problem
 

@@ -8,11 +8,13 @@ trains it:
 ``shift`` below is ``l2 + damping``: the objective's own L2 term plus any numerical damping.
 Parameters are handled as one flat vector (d numbers) in the order of ``task.tracked_names``.
 
-Solvers map ``B: Tensor[d, k]`` to ``H^-1 B``: :class:`ExplicitSolver` (dense Hessian, Cholesky),
-:class:`~rlattr.core.methods.cg.CGSolver` (conjugate gradient, all columns at once, in its own
-module with its preconditioner) and :class:`LiSSASolver` (the stochastic Neumann-series recursion of
-Agarwal et al.). Each is built from a :class:`CurvatureSpec`; the
-strategy table that selects one (with EK-FAC) is :mod:`rlattr.core.methods.solvers`.
+Solvers (subclasses of :class:`HessianSolver`, each in its own module) map ``B: Tensor[d, k]`` to
+``H^-1 B``: :class:`~rlattr.core.methods.explicit.ExplicitSolver` (dense Hessian, Cholesky),
+:class:`~rlattr.core.methods.cg.CGSolver` (conjugate gradient, all columns at once, with its
+preconditioner), :class:`~rlattr.core.methods.lissa.LiSSASolver` (the stochastic Neumann-series
+recursion of Agarwal et al.) and :class:`~rlattr.core.methods.arnoldi.ArnoldiSolver`. Each is built
+from a :class:`CurvatureSpec`; the strategy table that selects one (with EK-FAC) is
+:mod:`rlattr.core.methods.solvers`.
 """
 
 from __future__ import annotations
@@ -411,68 +413,3 @@ class HessianSolver:
     def solve(self, b: Tensor) -> Tensor:
         """``H^-1 b`` for ``b: Tensor[d, k]``, in the Hessian's dtype and device."""
         raise NotImplementedError
-
-
-class ExplicitSolver(HessianSolver):
-    """Dense damped Hessian, Cholesky factorised once. For models of up to a few thousand parameters."""
-
-    def __init__(self, hessian: ObjectiveHessian, *, block: int = 256, rtol: float = 1e-10) -> None:
-        super().__init__(hessian)
-        h = hessian.dense(block=block)
-        chol, info = torch.linalg.cholesky_ex(h)
-        diag = torch.diagonal(chol) if int(info) == 0 else None
-        scale = float(torch.diagonal(h).abs().max())
-        if diag is None or float(diag.min()) ** 2 <= rtol * max(scale, 1e-300):
-            low = float(torch.linalg.eigvalsh(h)[0])
-            raise RlattrError(
-                f"damping: the Hessian plus l2 + damping ({hessian.shift:g}) is singular or not positive "
-                f"definite (smallest eigenvalue {low:.3g}); {damping_remedy(hessian.shift, low)}"
-            )
-        self.chol = chol
-
-    def solve(self, b: Tensor) -> Tensor:
-        """``H^-1 b`` for ``b: Tensor[d, k]``."""
-        return torch.cholesky_solve(b.to(self.chol), self.chol)
-
-
-class LiSSASolver(HessianSolver):
-    """LiSSA: ``h_t = b + (I - H_t / scale) h_{t-1}``, ``H^-1 b ~ h_T / scale``, averaged over repeats.
-
-    ``H_t`` is the Hessian on a random minibatch of ``batch_size`` records (the full batch, and a
-    deterministic recursion, when ``None``). The recursion converges when ``scale`` exceeds the
-    largest eigenvalue of H; ``scale=None`` takes 1.5 x a power-iteration estimate.
-    """
-
-    def __init__(
-        self,
-        hessian: ObjectiveHessian,
-        *,
-        depth: int = 1000,
-        scale: float | None = None,
-        batch_size: int | None = None,
-        repeats: int = 1,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(hessian)
-        if depth < 1 or repeats < 1:
-            raise RlattrError(f"depth, repeats: must be >= 1, got {depth}, {repeats}")
-        if scale is not None and scale <= 0:
-            raise RlattrError(f"scale: must be > 0, got {scale}")
-        if batch_size is not None and not 1 <= batch_size <= hessian.n:
-            raise RlattrError(f"batch_size: must be in [1, {hessian.n}], got {batch_size}")
-        self.depth, self.batch_size, self.repeats, self.seed = depth, batch_size, repeats, seed
-        self.scale = 1.5 * hessian.max_eigenvalue() if scale is None else float(scale)
-
-    def solve(self, b: Tensor) -> Tensor:
-        b = b.to(self.h.theta)
-        gen = torch.Generator().manual_seed(self.seed)
-        total = torch.zeros_like(b)
-        for _ in range(self.repeats):
-            est = b.clone()
-            for _ in range(self.depth):
-                idx = None
-                if self.batch_size is not None:
-                    idx = torch.randperm(self.h.n, generator=gen, device="cpu")[: self.batch_size]
-                est = b + est - self.h.matvec(est, idx) / self.scale
-            total += est / self.scale
-        return total / self.repeats

@@ -30,8 +30,9 @@ from torch.utils._pytree import tree_map
 
 from rlattr.core.grads import batch_size, slice_batch
 from rlattr.core.methods.base import Attributor, FeaturePass, query_grads
+from rlattr.core.methods.explicit import ExplicitSolver
 from rlattr.core.methods.ggn import record_curvature_factors
-from rlattr.core.methods.hessian import CurvatureSpec, ExplicitSolver, ObjectiveHessian, damping_remedy
+from rlattr.core.methods.hessian import CurvatureSpec, ObjectiveHessian, damping_remedy
 from rlattr.core.methods.influence import InfluenceFunction
 from rlattr.core.task import Batch, Params, Task
 from rlattr.errors import RlattrError

@@ -21,7 +21,9 @@ from torch import Tensor
 from rlattr.core.methods.arnoldi import ArnoldiSolver
 from rlattr.core.methods.cg import CGSolver
 from rlattr.core.methods.ekfac import EKFACSolver
-from rlattr.core.methods.hessian import CurvatureSpec, ExplicitSolver, LiSSASolver
+from rlattr.core.methods.explicit import ExplicitSolver
+from rlattr.core.methods.hessian import CurvatureSpec
+from rlattr.core.methods.lissa import LiSSASolver
 from rlattr.errors import RlattrError
 
 
