@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,3 +87,40 @@ def test_iif_clock_replaces_the_arm_own_seconds() -> None:
     assert on_iif_clock["rt_peak"]["value"] == pytest.approx(expected["rt_peak"]["value"])
     assert on_iif_clock["se_ave"]["value"] == pytest.approx(compare(arm, ppo, metric)["se_ave"]["value"])
     assert on_iif_clock["rt_peak"]["value"] != pytest.approx(compare(arm, ppo, metric)["rt_peak"]["value"])
+
+
+def test_epoch_arm_records_its_later_drops(tmp_path: Path) -> None:
+    import iif_sample_efficiency as study
+    from iif_variants_table import rows
+
+    config = Path(study.REPO) / "configs" / "iif" / "frozenlake_noslip.yaml"
+    argv = [
+        str(config),
+        "--seeds",
+        "1",
+        "--methods",
+        "ppo,iif-epoch",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    study.main([*argv, "--rounds", "2", "--n-steps", "256", "--episodes", "2"])
+    out = tmp_path / "frozenlake-noslip"
+    run = json.loads((out / "seed_runs" / "iif-epoch_seed0.json").read_text())
+    n_epochs = int(run["config"]["ppo"]["n_epochs"])
+    assert [len(d) for d in run["epoch_dropped"]] == [n_epochs - 1] * 2
+    for dropped, later, share in zip(
+        run["n_dropped"], run["epoch_dropped"], run["epoch_kept_fraction"], strict=True
+    ):
+        trained = [256 - dropped]  # records trained on in each epoch, by hand
+        for d in later:
+            trained.append(trained[-1] - d)
+        assert min(trained) >= 64 and share == pytest.approx(sum(trained) / n_epochs / 256)
+    entry = json.loads((out / "results.json").read_text())["methods"]["iif-epoch"]
+    assert entry["epoch_kept_fraction_mean"] == pytest.approx(np.mean(run["epoch_kept_fraction"]))
+    assert entry["epoch_dropped_per_round_mean"] == pytest.approx(
+        np.mean([sum(d) for d in run["epoch_dropped"]])
+    )
+    (row,) = rows(json.loads((out / "results.json").read_text()))
+    assert "| iif-epoch | 1 |" in row and "epoch mean" in row and " later |" in row
