@@ -47,23 +47,6 @@ from rlattr.core.ghost_layers import (
 )
 from rlattr.errors import RlattrError
 
-# the layer handlers live in ghost_layers; they are part of this module's public interface
-__all__ = [
-    "EmbeddingHandler",
-    "GhostCapture",
-    "GhostTarget",
-    "LayerHandler",
-    "LayerNormHandler",
-    "LayerRecord",
-    "LinearHandler",
-    "build_target",
-    "handler_for",
-    "live_tokens",
-    "record_dots",
-    "register_handler",
-    "rows_grad_sum",
-]
-
 
 def _inside_backward() -> bool:
     return bool(torch._C._current_graph_task_id() != -1)
