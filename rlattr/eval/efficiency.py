@@ -81,10 +81,9 @@ def trailing_mean(curve: np.ndarray, window: int) -> np.ndarray:
     if not isinstance(window, int) or window < 1:
         raise RlattrError(f"window: must be an int >= 1, got {window!r}")
     c = _curve("curve", curve)
-    sums = np.concatenate([[0.0], np.cumsum(c)])
-    idx = np.arange(1, c.size + 1)
-    lo = np.maximum(0, idx - window)
-    return (sums[idx] - sums[lo]) / (idx - lo)
+    # each window summed on its own (not as differences of one running sum, whose rounding made
+    # window 1 differ from the curve by ~1e-15 and could move a first passage at an exact level)
+    return np.array([c[max(0, r - window + 1) : r + 1].mean() for r in range(c.size)])
 
 
 @dataclass

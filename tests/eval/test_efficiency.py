@@ -127,3 +127,21 @@ def test_trailing_mean_by_hand_and_in_the_bootstrap() -> None:
     assert smooth["se_ave"]["value"] == 0.0
     with pytest.raises(ValueError, match="window"):
         trailing_mean(BASE, 0)
+
+
+def test_trailing_mean_of_window_one_is_the_curve_exactly_so_first_passages_do_not_move() -> None:
+    # success rates that are exact multiples of 1/200 (FrozenLake's evaluation): a running sum's
+    # differences are off by ~1e-15, enough to miss a level the raw curve hits exactly
+    curve = np.random.default_rng(0).integers(0, 201, 60) / 200.0
+    assert np.array_equal(trailing_mean(curve, 1), curve)
+    loop = [np.mean(curve[max(0, r - 4) : r + 1]) for r in range(curve.size)]
+    np.testing.assert_allclose(trailing_mean(curve, 5), loop, rtol=0, atol=1e-15)
+    # the bootstrap's point value (window 1) equals efficiency() on the same curves, for curves that
+    # sit exactly on the levels (a saturating success rate)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        base = np.minimum(np.cumsum(rng.integers(0, 30, 40)) / 200.0, 1.0)
+        method = np.minimum(np.cumsum(rng.integers(0, 40, 40)) / 200.0, 1.0)
+        direct = efficiency(method, base, n_levels=20)
+        boot = bootstrap_efficiency(method[None], base[None], n_levels=20, n_boot=2, paired=True)
+        assert boot["se_ave"]["value"] == direct.se_ave
