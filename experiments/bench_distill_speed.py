@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_new_families import every_label, mlp_gradients  # noqa: E402
+from bench_new_families import every_label, mlp_gradients, mlp_parts  # noqa: E402
 from tda_benchmark import BenchConfig, Setting  # noqa: E402
 
 from rlattr.core.methods import DistilledEmbedding, InfluenceFunction, recall_at_k  # noqa: E402
@@ -41,25 +41,6 @@ from rlattr.core.methods.distill import factor_query_map, factored_embed  # noqa
 from rlattr.core.store import save_json  # noqa: E402
 from rlattr.provenance import provenance  # noqa: E402
 from rlattr.testing.supervised import ce_of_logits, load_digits_split  # noqa: E402
-
-Parts = list[tuple[Tensor, Tensor]]
-
-
-def mlp_parts(model: nn.Module) -> Callable[[dict[str, Tensor]], Parts]:
-    """``batch -> [(delta_1, [x, 1]), (err, [h, 1])]``: each layer's gradient factors, closed form."""
-    assert isinstance(model, nn.Sequential)
-
-    def f(batch: dict[str, Tensor]) -> Parts:
-        with torch.no_grad():
-            w2 = model[2].weight
-            assert isinstance(w2, Tensor)
-            x = batch["x"].to(w2.dtype)
-            h = model[1](model[0](x))
-            err = torch.softmax(model[2](h), 1) - nn.functional.one_hot(batch["y"], 10).to(h)
-            one = torch.ones(len(x), 1, dtype=x.dtype)
-            return [((err @ w2) * (1 - h * h), torch.cat([x, one], 1)), (err, torch.cat([h, one], 1))]
-
-    return f
 
 
 def param_order_columns(layers: tuple[tuple[int, int], ...] = ((64, 64), (10, 64))) -> Tensor:

@@ -58,12 +58,14 @@ from rlattr.eval.metrics import lds, loo_correlation  # noqa: E402
 from rlattr.provenance import provenance  # noqa: E402
 from rlattr.testing.supervised import ce_of_logits, load_digits_split  # noqa: E402
 
+Parts = list[tuple[Tensor, Tensor]]
 
-def mlp_gradients(model: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
-    """``batch -> Tensor[n, 4810]``: each record's cross-entropy gradient (both layers), closed form."""
+
+def mlp_parts(model: nn.Module) -> Callable[[dict[str, Tensor]], Parts]:
+    """``batch -> [(delta_1, [x, 1]), (err, [h, 1])]``: each layer's gradient factors, closed form."""
     assert isinstance(model, nn.Sequential)  # the MLP: Linear, Tanh, Linear
 
-    def f(batch: dict[str, Tensor]) -> Tensor:
+    def f(batch: dict[str, Tensor]) -> Parts:
         with torch.no_grad():
             w2 = model[2].weight
             assert isinstance(w2, Tensor)
@@ -71,10 +73,18 @@ def mlp_gradients(model: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
             h = model[1](model[0](x))
             err = torch.softmax(model[2](h), 1) - nn.functional.one_hot(batch["y"], 10).to(h)
             one = torch.ones(len(x), 1, dtype=x.dtype)
-            out = (err[:, :, None] * torch.cat([h, one], 1)[:, None, :]).flatten(1)
-            delta = (err @ w2) * (1 - h * h)
-            hidden = (delta[:, :, None] * torch.cat([x, one], 1)[:, None, :]).flatten(1)
-            return torch.cat([hidden, out], 1)  # the order of model.parameters()
+            return [((err @ w2) * (1 - h * h), torch.cat([x, one], 1)), (err, torch.cat([h, one], 1))]
+
+    return f
+
+
+def mlp_gradients(model: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
+    """``batch -> Tensor[n, 4810]``: each record's cross-entropy gradient (both layers), closed form:
+    the outer products of :func:`mlp_parts`, in the order of model.parameters()."""
+    parts = mlp_parts(model)
+
+    def f(batch: dict[str, Tensor]) -> Tensor:
+        return torch.cat([(d[:, :, None] * a[:, None, :]).flatten(1) for d, a in parts(batch)], 1)
 
     return f
 
