@@ -6,8 +6,10 @@ Methods: ``ppo`` (standard SB3 PPO), ``iif`` (IIFCallback, neg-bottom p), ``rand
 beyond the paper: ``iif-val`` (neg-bottom p scored against ``iif.validation_steps`` fresh
 transitions from a separate env, ``score_on="validation"``), ``iif-adaptive`` (``drop="adaptive"``
 with ``iif.f``, default 0.5), ``iif-adaptive-<f>`` (the same at the fraction ``f`` named in the
-arm, so that arms at different f keep separate run files) and ``iif-epoch`` (neg-bottom p,
-re-scored at every epoch).
+arm, so that arms at different f keep separate run files), ``iif-epoch`` (neg-bottom p,
+re-scored at every epoch, applied to what the last epoch kept: the drops compound) and
+``iif-epoch-fresh`` (neg-bottom p applied at every epoch to all the round's records, re-scored at
+the current parameters: no compounding).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 
 from rlattr.callbacks.sb3.iif import IIFCallback
 
-METHODS = ("ppo", "iif", "random", "iif-val", "iif-adaptive", "iif-epoch")
+METHODS = ("ppo", "iif", "random", "iif-val", "iif-adaptive", "iif-epoch", "iif-epoch-fresh")
 ADAPTIVE = "iif-adaptive-"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -248,13 +250,14 @@ class StudyIIF(IIFCallback):
         super()._on_round_scored(records, scores)
 
 
-def epoch_kept_fraction(entry: dict[str, Any]) -> float:
+def epoch_kept_fraction(entry: dict[str, Any], fresh: bool = False) -> float:
     """Mean over a round's epochs of the share of its records that epoch trained on, from one
     ``filter_history`` entry of ``rescore="epoch"`` (``n_kept`` in epoch 1, then minus each
-    later epoch's drops)."""
+    later epoch's drops) or, with ``fresh``, of ``rescore="epoch-fresh"`` (each later epoch's
+    drops are out of all the round's records)."""
     kept = [int(entry["n_kept"])]
     for dropped in entry["epoch_drops"]:
-        kept.append(kept[-1] - len(dropped))
+        kept.append((int(entry["n_records"]) if fresh else kept[-1]) - len(dropped))
     return float(np.mean(kept)) / int(entry["n_records"])
 
 
@@ -292,6 +295,8 @@ def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
         kwargs.update(score_on="validation", validation_env=val_env, validation_steps=steps)
     if method == "iif-epoch":
         kwargs["rescore"] = "epoch"
+    if method == "iif-epoch-fresh":
+        kwargs["rescore"] = "epoch-fresh"
     return StudyIIF(drop="neg-bottom", p=p, seed=seed, **kwargs)
 
 
@@ -335,7 +340,9 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
         # rescore="epoch": records dropped at the start of epochs 2.. of each round, and the share of
         # the round's records each epoch trained on, averaged over the epochs
         "epoch_dropped": [[len(d) for d in h["epoch_drops"]] for h in history if "epoch_drops" in h],
-        "epoch_kept_fraction": [epoch_kept_fraction(h) for h in history if "epoch_drops" in h],
+        "epoch_kept_fraction": [
+            epoch_kept_fraction(h, fresh=method == "iif-epoch-fresh") for h in history if "epoch_drops" in h
+        ],
         "score_tails": iif.tails if isinstance(iif, StudyIIF) else [],
         "adaptive_f": f,
     }

@@ -228,10 +228,12 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
         if dropped:
             entry["dropped_per_round_mean"] = float(np.mean(dropped))
         epoch_kept = [k for r in group for k in r.get("epoch_kept_fraction", [])]
-        if epoch_kept:  # rescore="epoch": the share of records the average epoch trained on
+        if epoch_kept:  # rescore="epoch[-fresh]": the share of records the average epoch trained on
             entry["epoch_kept_fraction_mean"] = float(np.mean(epoch_kept))
             later = [sum(d) for r in group for d in r.get("epoch_dropped", [])]
             entry["epoch_dropped_per_round_mean"] = float(np.mean(later))
+            per_epoch = [n for r in group for d in r.get("epoch_dropped", []) for n in d]
+            entry["epoch_dropped_per_epoch_mean"] = float(np.mean(per_epoch))
         tails = [t for r in group for t in r.get("score_tails", [])]
         if tails:
             entry["score_tails_mean"] = {k: float(np.nanmean([t[k] for t in tails])) for k in tails[0]}

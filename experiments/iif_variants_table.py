@@ -45,9 +45,14 @@ def rows(results: dict[str, Any]) -> list[str]:
         dropped = entry.get("dropped_per_round_mean")
         m90 = f"{100 * tails['m90']:.0f} %" if "m90" in tails else "-"
         kept = f"{100 * entry['kept_fraction_mean']:.0f} %"
-        if "epoch_kept_fraction_mean" in entry:  # rescore="epoch": epoch 1, then the epoch average
+        if "epoch_kept_fraction_mean" in entry:  # rescore="epoch[-fresh]": epoch 1, then the epoch average
             kept += f" (epoch mean {100 * entry['epoch_kept_fraction_mean']:.0f} %)"
-            dropped_txt = f"{dropped:.0f} + {entry['epoch_dropped_per_round_mean']:.0f} later"
+            if method == "iif-epoch-fresh":  # each later epoch drops from all the round's records
+                dropped_txt = (
+                    f"{dropped:.0f}, then {entry['epoch_dropped_per_epoch_mean']:.0f} per later epoch"
+                )
+            else:
+                dropped_txt = f"{dropped:.0f} + {entry['epoch_dropped_per_round_mean']:.0f} later"
         else:
             dropped_txt = f"{dropped:.0f}" if dropped else "-"
         out.append(

@@ -42,7 +42,7 @@ _SCALAR_PER_RECORD = ("values", "log_probs", "advantages", "returns")
 # what rule_kwargs may hold: the other rules' parameters, and the rule a "random" drop shadows
 RULE_KWARGS = ("f", "k", "like", "q", "t")
 SCORE_ON = ("buffer", "validation")
-RESCORE = ("round", "epoch")
+RESCORE = ("round", "epoch", "epoch-fresh")
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,14 @@ class IIFCallback(InfluenceCallback):
             ``"validation"`` (the return target over ``validation_steps`` fresh transitions per env
             from ``validation_env``, collected at theta(k) and never trained on, so the filter does
             not select on the data that defines its target).
-        rescore: ``"round"`` (the paper's: score once, at theta(k)) or ``"epoch"``: at the start of
+        rescore: ``"round"`` (the paper's: score once, at theta(k)), ``"epoch"``: at the start of
             every epoch after the first, score the still-kept records again at the current
-            parameters (same target data) and drop from the remaining epochs what the rule drops.
+            parameters (same target data) and drop from the remaining epochs what the rule drops
+            (the drops compound: each epoch applies the rule to what the last one kept), or
+            ``"epoch-fresh"``: at the start of every epoch after the first, score *every* record of
+            the round at the current parameters and train that epoch on what the rule keeps of all
+            of them (no compounding: each epoch drops about what the round's first selection
+            dropped, and a record dropped earlier can come back).
         rule_kwargs: arguments of the other named rules (``f`` of ``"adaptive"``, ``q``, ``t``, ``k``)
             and ``like``, the rule
             a ``"random"`` drop shadows; every rule comes from :func:`rlattr.rl.filtering.make_rule`.
@@ -163,7 +168,9 @@ class IIFCallback(InfluenceCallback):
     Attributes:
         filter_history: one dict per filtered round: round, n_records, n_kept, kept_fraction,
             threshold, note, dropped_ids (``[[round, step, env], ...]``); with ``rescore="epoch"``
-            also epoch_drops: per later epoch, the ids dropped at its start.
+            also epoch_drops: per later epoch, the ids dropped at its start (from the records the
+            epoch before kept); with ``"epoch-fresh"`` epoch_drops holds, per later epoch, every id
+            that epoch left out of the round's records.
 
     ``rescore="epoch"`` hooks into SB3's unmodified ``train()``, which calls
     ``rollout_buffer.get(batch_size)`` once per epoch: for the round, the buffer instance gets a
@@ -215,10 +222,10 @@ class IIFCallback(InfluenceCallback):
         # batch_size as min_keep in _init_callback when min_keep is None
         self.rule: SelectionRule = drop if isinstance(drop, SelectionRule) else self._make_rule(min_keep or 1)
         self._rule_pending = not isinstance(drop, SelectionRule) and min_keep is None
-        if rescore == "epoch" and self.advantage_norm == "minibatch":
+        if rescore != "round" and self.advantage_norm == "minibatch":
             # the labels of each later epoch's minibatches are SB3's fresh shuffle, unknown beforehand
             raise RlattrError(
-                "rescore: got 'epoch' with advantage_norm='minibatch'; supported: advantage_norm "
+                f"rescore: got {rescore!r} with advantage_norm='minibatch'; supported: advantage_norm "
                 "'auto', 'buffer' or 'none'"
             )
         self.score_on, self.rescore = score_on, rescore
@@ -227,6 +234,10 @@ class IIFCallback(InfluenceCallback):
         self._kept_pos: torch.Tensor | None = None  # record position of each row of the compacted buffer
         self._epochs_seen = 0
         self._hooked, self._instance_get = False, None
+        # rescore="epoch-fresh": the round's full per-record arrays (references, taken before any
+        # compaction or flattening) and shape, so every epoch can select from all of them again
+        self._full_arrays: dict[str, Any] | None = None
+        self._full_shape: BufferShape | None = None
 
     def _make_rule(self, min_keep: int) -> SelectionRule:
         """The rule named by ``drop``, from :func:`rlattr.rl.filtering.make_rule`; ``p`` goes to neg-bottom."""
@@ -267,11 +278,18 @@ class IIFCallback(InfluenceCallback):
             )
         result = self.rule(s)
         self._restore()
+        if self.rescore == "epoch-fresh":
+            buf = self.model.rollout_buffer
+            self._full_shape = BufferShape(buf.buffer_size, buf.n_envs)
+            self._full_arrays = {
+                name: dict(value) if isinstance(value, dict) else value
+                for name, value in ((n, getattr(buf, n)) for n in _per_record_arrays(buf))
+            }
         # a rule that keeps every record leaves the buffer, and so PPO's update, exactly as they were
         if not bool(result.keep.all()):
             self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
         self._log_filter(records, result)
-        if self.rescore == "epoch":
+        if self.rescore != "round":
             self._kept_pos = torch.nonzero(result.keep).flatten()
             self._epochs_seen = 0
             self._hook_get()
@@ -304,10 +322,14 @@ class IIFCallback(InfluenceCallback):
         self._hooked, self._instance_get = False, None
 
     def _rescore_epoch(self) -> None:
-        """Score the kept records at the current parameters against the round's target data and
-        compact the buffer again to what the rule keeps of them."""
+        """Score the kept records (``"epoch"``) or all the round's records (``"epoch-fresh"``) at
+        the current parameters against the round's target data and compact the buffer to what the
+        rule keeps of them."""
         records, pos = self.last_records, self._kept_pos
         assert records is not None and pos is not None
+        fresh = self.rescore == "epoch-fresh"
+        if fresh:
+            pos = torch.arange(len(records))
         target: TargetSpec
         validation: RecordBatch | None
         if isinstance(self.target, ReturnTarget) and self.target.source == "buffer":
@@ -327,9 +349,23 @@ class IIFCallback(InfluenceCallback):
         )
         result = self.rule(score_round(spec, chunk_size=self.chunk_size).scores)
         self.filter_history[-1].setdefault("epoch_drops", []).append(kept.ids[~result.keep].tolist())
+        if fresh:
+            self._put_full_arrays()
         if not bool(result.keep.all()):
             compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
             self._kept_pos = pos[result.keep]
+        elif fresh:
+            self._kept_pos = pos
+
+    def _put_full_arrays(self) -> None:
+        """Give the buffer the round's full, unflattened arrays back (``rescore="epoch-fresh"``)."""
+        assert self._full_arrays is not None and self._full_shape is not None
+        buf = self.model.rollout_buffer
+        for name, value in self._full_arrays.items():
+            # SB3's get() flattens a DictRolloutBuffer's observations in place: hand out a copy
+            setattr(buf, name, dict(value) if isinstance(value, dict) else value)
+        buf.buffer_size, buf.n_envs = self._full_shape.buffer_size, self._full_shape.n_envs
+        buf.pos, buf.full, buf.generator_ready = self._full_shape.buffer_size, True, False
 
     def _on_rollout_start(self) -> None:
         self._restore()
@@ -340,6 +376,7 @@ class IIFCallback(InfluenceCallback):
 
     def _restore(self) -> None:
         self._unhook_get()
+        self._full_arrays = None
         buf = self.model.rollout_buffer
         shape = self._original_shape
         if shape is not None and (buf.buffer_size, buf.n_envs) != (shape.buffer_size, shape.n_envs):

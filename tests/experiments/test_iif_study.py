@@ -58,6 +58,8 @@ def test_epoch_kept_fraction_by_hand() -> None:
         "epoch_drops": [[[0, i, 0] for i in range(10)], [], [[0, 1, 0]] * 5],
     }
     assert epoch_kept_fraction(entry) == pytest.approx((80 + 70 + 70 + 65) / 4 / 100)
+    # rescore="epoch-fresh": each later epoch drops from all 100 records: 80, 90, 100, 95
+    assert epoch_kept_fraction(entry, fresh=True) == pytest.approx((80 + 90 + 100 + 95) / 4 / 100)
 
 
 def _run(seed: int, curve: list[float], seconds: list[float]) -> dict:
@@ -89,7 +91,8 @@ def test_iif_clock_replaces_the_arm_own_seconds() -> None:
     assert on_iif_clock["rt_peak"]["value"] != pytest.approx(compare(arm, ppo, metric)["rt_peak"]["value"])
 
 
-def test_epoch_arm_records_its_later_drops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arm", ["iif-epoch", "iif-epoch-fresh"])
+def test_epoch_arm_records_its_later_drops(tmp_path: Path, arm: str) -> None:
     import iif_sample_efficiency as study
     from iif_variants_table import rows
 
@@ -99,7 +102,7 @@ def test_epoch_arm_records_its_later_drops(tmp_path: Path) -> None:
         "--seeds",
         "1",
         "--methods",
-        "ppo,iif-epoch",
+        f"ppo,{arm}",
         "--workers",
         "1",
         "--out",
@@ -107,20 +110,24 @@ def test_epoch_arm_records_its_later_drops(tmp_path: Path) -> None:
     ]
     study.main([*argv, "--rounds", "2", "--n-steps", "256", "--episodes", "2"])
     out = tmp_path / "frozenlake-noslip"
-    run = json.loads((out / "seed_runs" / "iif-epoch_seed0.json").read_text())
+    run = json.loads((out / "seed_runs" / f"{arm}_seed0.json").read_text())
     n_epochs = int(run["config"]["ppo"]["n_epochs"])
     assert [len(d) for d in run["epoch_dropped"]] == [n_epochs - 1] * 2
     for dropped, later, share in zip(
         run["n_dropped"], run["epoch_dropped"], run["epoch_kept_fraction"], strict=True
     ):
         trained = [256 - dropped]  # records trained on in each epoch, by hand
-        for d in later:
-            trained.append(trained[-1] - d)
+        for d in later:  # fresh: each later epoch drops out of all 256 records
+            trained.append((256 if arm == "iif-epoch-fresh" else trained[-1]) - d)
         assert min(trained) >= 64 and share == pytest.approx(sum(trained) / n_epochs / 256)
-    entry = json.loads((out / "results.json").read_text())["methods"]["iif-epoch"]
+    entry = json.loads((out / "results.json").read_text())["methods"][arm]
     assert entry["epoch_kept_fraction_mean"] == pytest.approx(np.mean(run["epoch_kept_fraction"]))
     assert entry["epoch_dropped_per_round_mean"] == pytest.approx(
         np.mean([sum(d) for d in run["epoch_dropped"]])
     )
+    assert entry["epoch_dropped_per_epoch_mean"] == pytest.approx(
+        np.mean([n for d in run["epoch_dropped"] for n in d])
+    )
     (row,) = rows(json.loads((out / "results.json").read_text()))
-    assert "| iif-epoch | 1 |" in row and "epoch mean" in row and " later |" in row
+    later = " per later epoch |" if arm == "iif-epoch-fresh" else " later |"
+    assert f"| {arm} | 1 |" in row and "epoch mean" in row and later in row

@@ -101,6 +101,38 @@ def test_rescore_each_epoch_drops_what_the_rule_says_at_the_current_parameters()
     assert model.rollout_buffer.buffer_size == N_STEPS  # restored at the end of training
 
 
+def test_fresh_rescore_selects_from_every_record_at_each_epoch() -> None:
+    epochs = 4
+    model = _model(n_epochs=epochs)
+    calls = _spy(model)
+    cb = IIFCallback(p=0.5, min_keep=1, rescore="epoch-fresh")
+    model.learn(N_STEPS * N_ENVS, callback=cb)
+    records = cb.last_records
+    assert records is not None and len(calls) == epochs
+    config = cb.loss_config()
+    first = NegBottom(0.5)(cb.last_scores.scores).keep  # type: ignore[union-attr]
+    assert calls[0]["samples"] == _keys(records, first)
+    n_neg, n_neg_kept = [], []
+    for e in range(1, epochs):
+        # every record of the round, scored at epoch e's parameters against the round's target
+        ref = brute_force(calls[e]["policy"], records, config, cb.param_names, target_records=records)
+        expected = NegBottom(0.5)(ref)
+        assert 0 < expected.n_dropped < len(records)
+        assert calls[e]["samples"] == _keys(records, expected.keep), f"epoch {e}"
+        dropped = cb.filter_history[0]["epoch_drops"][e - 1]
+        assert sorted(map(tuple, dropped)) == sorted(map(tuple, records.ids[~expected.keep].tolist()))
+        n_neg.append(int((ref < 0).sum()))
+        n_neg_kept.append(int(((ref < 0) & first).sum()))
+    # each epoch drops half the negatives of all the round's records (about 14 of 64 here) ...
+    drops = [len(d) for d in cb.filter_history[0]["epoch_drops"]]
+    assert drops == [n // 2 for n in n_neg]
+    # ... so epoch 2 trains on more than a compounding rule would leave (half of the negatives
+    # among the records epoch 1 kept, dropped from those)
+    assert len(records) - drops[0] > int(first.sum()) - n_neg_kept[0] // 2
+    assert model.rollout_buffer.get.__name__ == "get"  # the spy's own get, put back
+    assert model.rollout_buffer.buffer_size == N_STEPS  # restored at the end of training
+
+
 def test_adaptive_drop_keeps_what_the_hand_rule_keeps() -> None:
     model = _model(n_epochs=1)
     calls = _spy(model)
@@ -124,6 +156,7 @@ def _final_params(**kwargs: Any) -> dict[str, torch.Tensor]:
     "kwargs",
     [
         {"drop": "adaptive", "rule_kwargs": {"f": 0.0}, "rescore": "epoch"},
+        {"drop": "adaptive", "rule_kwargs": {"f": 0.0}, "rescore": "epoch-fresh"},
         {"p": 0.0, "score_on": "validation", "validation_steps": 8},
     ],
 )
@@ -137,11 +170,15 @@ def test_keep_all_variants_are_bit_identical_to_plain_ppo(kwargs: dict[str, Any]
 def test_variant_arguments_are_named() -> None:
     with pytest.raises(RlattrError, match=r"^score_on: got 'held'; supported: \['buffer', 'validation'\]$"):
         IIFCallback(score_on="held")
-    with pytest.raises(RlattrError, match=r"^rescore: got 'step'; supported: \['round', 'epoch'\]$"):
+    with pytest.raises(
+        RlattrError, match=r"^rescore: got 'step'; supported: \['round', 'epoch', 'epoch-fresh'\]$"
+    ):
         IIFCallback(rescore="step")
     with pytest.raises(RlattrError, match="^target: score_on='validation' sets the return target itself"):
         IIFCallback(score_on="validation", target="return", validation_env=DummyVecEnv([CounterEnv]))
     with pytest.raises(RlattrError, match="^rescore: got 'epoch' with advantage_norm='minibatch'"):
         IIFCallback(rescore="epoch", advantage_norm="minibatch")
+    with pytest.raises(RlattrError, match="^rescore: got 'epoch-fresh' with advantage_norm='minibatch'"):
+        IIFCallback(rescore="epoch-fresh", advantage_norm="minibatch")
     with pytest.raises(RlattrError, match="^validation_env: ReturnTarget"):
         IIFCallback(score_on="validation")
