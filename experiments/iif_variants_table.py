@@ -8,6 +8,7 @@ are (m90: the fraction of the negatives, most negative first, that carries 90 % 
     python experiments/iif_sample_efficiency.py configs/iif/frozenlake_noslip.yaml \
         configs/iif/acrobot.yaml --report-only
     python experiments/iif_variants_table.py results/iif/frozenlake-noslip results/iif/acrobot
+    python experiments/iif_variants_table.py --per-seed results/iif/acrobot   # each seed against its PPO seed
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from rlattr.eval.efficiency import efficiency
 
 
 def _ci(stats: dict[str, float] | None) -> str:
@@ -65,6 +70,41 @@ def rows(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def per_seed(folder: Path, n_levels: int = 20) -> dict[str, dict[int, float]]:
+    """SE_ave (%) of every arm's run against the PPO run of the same seed, from ``seed_runs/``:
+    ``{arm: {seed: se_ave}}``, arms and seeds in sorted order (runs without a PPO seed are left out)."""
+    runs: dict[str, dict[int, list[float]]] = {}
+    for path in sorted((folder / "seed_runs").glob("*_seed*.json")):
+        run = json.loads(path.read_text())
+        runs.setdefault(str(run["method"]), {})[int(run["seed"])] = run["curve"]
+    ppo = runs.pop("ppo", {})
+    return {
+        arm: {
+            s: 100 * efficiency(np.asarray(c), np.asarray(ppo[s]), n_levels=n_levels).se_ave
+            for s, c in sorted(curves.items())
+            if s in ppo
+        }
+        for arm, curves in sorted(runs.items())
+    }
+
+
+def per_seed_lines(folder: Path) -> list[str]:
+    """One line per arm: its per-seed SE_ave against PPO, and how often it beats IIF's same seed."""
+    table = per_seed(folder)
+    iif = table.get("iif", {})
+    out = [f"{folder.name}:"]
+    for arm, by_seed in table.items():
+        cells = " ".join(f"s{s} {v:.1f}" for s, v in by_seed.items())
+        common = [s for s in by_seed if s in iif]
+        ahead = (
+            ""
+            if arm == "iif" or not common
+            else (f"  (ahead of IIF on {sum(by_seed[s] > iif[s] for s in common)} of {len(common)} seeds)")
+        )
+        out.append(f"  {arm}: {cells}{ahead}")
+    return out
+
+
 HEADER = (
     "| env | arm | seeds | SE_ave % vs PPO | IIF's SE_ave %, same seeds | SE_ave % vs IIF (paired) | "
     "SE_peak % | RT_peak % (own clock) | RT_peak % (IIF's clock) | kept | dropped / round | m90 |\n"
@@ -75,7 +115,13 @@ HEADER = (
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path, help="results/iif/<env> folders with results.json")
+    ap.add_argument(
+        "--per-seed", action="store_true", help="each run's SE_ave against the PPO run of its seed instead"
+    )
     args = ap.parse_args(argv)
+    if args.per_seed:
+        print("\n".join(line for folder in args.folders for line in per_seed_lines(folder)))
+        return
     lines = [HEADER]
     for folder in args.folders:
         lines += rows(json.loads((folder / "results.json").read_text()))

@@ -131,3 +131,26 @@ def test_epoch_arm_records_its_later_drops(tmp_path: Path, arm: str) -> None:
     (row,) = rows(json.loads((out / "results.json").read_text()))
     later = " per later epoch |" if arm == "iif-epoch-fresh" else " later |"
     assert f"| {arm} | 1 |" in row and "epoch mean" in row and later in row
+
+
+def test_per_seed_se_ave_by_hand(tmp_path: Path) -> None:
+    from iif_variants_table import per_seed, per_seed_lines
+
+    runs = {
+        # PPO first reaches the top at round 4 on both seeds
+        ("ppo", 0): [0, 0, 0, 1, 1, 1],
+        ("ppo", 1): [0, 0, 0, 1, 1, 1],
+        ("iif", 0): [0, 1, 1, 1, 1, 1],  # round 2: 1 - 2/4 = 50 %
+        ("iif", 1): [0, 0, 1, 1, 1, 1],  # round 3: 25 %
+        ("arm", 0): [1, 1, 1, 1, 1, 1],  # round 1: 75 %
+        ("arm", 1): [0, 0, 0, 1, 1, 1],  # round 4: 0 %
+        ("arm", 2): [1, 1, 1, 1, 1, 1],  # no PPO seed 2: left out
+    }
+    (tmp_path / "seed_runs").mkdir()
+    for (method, seed), curve in runs.items():
+        run = {"method": method, "seed": seed, "curve": curve}
+        (tmp_path / "seed_runs" / f"{method}_seed{seed}.json").write_text(json.dumps(run))
+    table = per_seed(tmp_path, n_levels=5)
+    assert table == {"arm": {0: pytest.approx(75.0), 1: pytest.approx(0.0)}, "iif": {0: 50.0, 1: 25.0}}
+    lines = per_seed_lines(tmp_path)
+    assert lines[1] == "  arm: s0 75.0 s1 0.0  (ahead of IIF on 1 of 2 seeds)"
