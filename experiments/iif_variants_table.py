@@ -9,6 +9,7 @@ are (m90: the fraction of the negatives, most negative first, that carries 90 % 
         configs/iif/acrobot.yaml --report-only
     python experiments/iif_variants_table.py results/iif/frozenlake-noslip results/iif/acrobot
     python experiments/iif_variants_table.py --per-seed results/iif/acrobot   # each seed against its PPO seed
+    python experiments/iif_variants_table.py --levels results/iif/acrobot     # SE_ave level by level
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rlattr.eval.efficiency import efficiency
+from rlattr.eval.efficiency import efficiency, rounds_to_reach
 
 
 def _ci(stats: dict[str, float] | None) -> str:
@@ -73,10 +74,7 @@ def rows(results: dict[str, Any]) -> list[str]:
 def per_seed(folder: Path, n_levels: int = 20) -> dict[str, dict[int, float]]:
     """SE_ave (%) of every arm's run against the PPO run of the same seed, from ``seed_runs/``:
     ``{arm: {seed: se_ave}}``, arms and seeds in sorted order (runs without a PPO seed are left out)."""
-    runs: dict[str, dict[int, list[float]]] = {}
-    for path in sorted((folder / "seed_runs").glob("*_seed*.json")):
-        run = json.loads(path.read_text())
-        runs.setdefault(str(run["method"]), {})[int(run["seed"])] = run["curve"]
+    runs = _curves(folder)
     ppo = runs.pop("ppo", {})
     return {
         arm: {
@@ -105,6 +103,51 @@ def per_seed_lines(folder: Path) -> list[str]:
     return out
 
 
+def _curves(folder: Path) -> dict[str, dict[int, list[float]]]:
+    runs: dict[str, dict[int, list[float]]] = {}
+    for path in sorted((folder / "seed_runs").glob("*_seed*.json")):
+        run = json.loads(path.read_text())
+        runs.setdefault(str(run["method"]), {})[int(run["seed"])] = run["curve"]
+    return runs
+
+
+def level_terms(folder: Path, n_levels: int = 20) -> dict[str, dict[str, list[float]]]:
+    """SE_ave's terms level by level, on the seed-mean curves of each arm and PPO over their common
+    seeds: ``{arm: {"ppo_rounds", "arm_rounds", "terms"}}`` with ``terms[l] = 1 - m_arm / m_ppo``
+    (a level the arm never reaches is censored at its budget, as in :func:`efficiency`)."""
+    runs = _curves(folder)
+    ppo = runs.pop("ppo", {})
+    out = {}
+    for arm, curves in sorted(runs.items()):
+        seeds = sorted(set(curves) & set(ppo))
+        if not seeds:
+            continue
+        mine = np.mean([curves[s] for s in seeds], axis=0)
+        base = np.mean([ppo[s] for s in seeds], axis=0)
+        levels = base[0] + (base.max() - base[0]) * np.arange(1, n_levels + 1) / n_levels
+        m_base = rounds_to_reach(base, levels)
+        m_arm = np.minimum(rounds_to_reach(mine, levels), float(mine.size))
+        out[arm] = {
+            "ppo_rounds": m_base.tolist(),
+            "arm_rounds": m_arm.tolist(),
+            "terms": (1 - m_arm / m_base).tolist(),
+        }
+    return out
+
+
+def level_lines(folder: Path) -> list[str]:
+    """Per arm: SE_ave's 20 level terms (%), and SE_ave without the top level."""
+    out = [f"{folder.name}: level terms 1 - m_arm / m_ppo (%), levels 1..20 of PPO's seed-mean curve"]
+    for arm, t in level_terms(folder).items():
+        terms = 100 * np.asarray(t["terms"])
+        out.append(
+            f"  {arm}: "
+            + " ".join(f"{v:.0f}" for v in terms)
+            + f"  | SE_ave {terms.mean():.1f}, without the top level {terms[:-1].mean():.1f}"
+        )
+    return out
+
+
 HEADER = (
     "| env | arm | seeds | SE_ave % vs PPO | IIF's SE_ave %, same seeds | SE_ave % vs IIF (paired) | "
     "SE_peak % | RT_peak % (own clock) | RT_peak % (IIF's clock) | kept | dropped / round | m90 |\n"
@@ -118,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--per-seed", action="store_true", help="each run's SE_ave against the PPO run of its seed instead"
     )
+    ap.add_argument("--levels", action="store_true", help="SE_ave's terms level by level instead")
     args = ap.parse_args(argv)
+    if args.levels:
+        print("\n".join(line for folder in args.folders for line in level_lines(folder)))
+        return
     if args.per_seed:
         print("\n".join(line for folder in args.folders for line in per_seed_lines(folder)))
         return

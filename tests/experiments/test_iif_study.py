@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 from iif_envs import adaptive_f, epoch_kept_fraction, tail_stats  # noqa: E402
 from iif_sample_efficiency import compare  # noqa: E402
 
+from rlattr.eval.efficiency import efficiency  # noqa: E402
 from rlattr.rl.filtering import make_rule  # noqa: E402
 
 
@@ -154,3 +155,25 @@ def test_per_seed_se_ave_by_hand(tmp_path: Path) -> None:
     assert table == {"arm": {0: pytest.approx(75.0), 1: pytest.approx(0.0)}, "iif": {0: 50.0, 1: 25.0}}
     lines = per_seed_lines(tmp_path)
     assert lines[1] == "  arm: s0 75.0 s1 0.0  (ahead of IIF on 1 of 2 seeds)"
+
+
+def test_level_terms_by_hand(tmp_path: Path) -> None:
+    from iif_variants_table import level_lines, level_terms
+
+    (tmp_path / "seed_runs").mkdir()
+    runs = {
+        ("ppo", 0): [0, 0.5, 1, 1],  # levels 0.5 and 1.0 first reached at rounds 2 and 3
+        ("fast", 0): [0, 1, 1, 1],  # rounds 2 and 2: terms 0 and 1 - 2/3
+        ("short", 0): [0.5, 0.5, 0.5, 0.9],  # round 1, never: censored at 4 rounds, 1 - 4/3
+    }
+    for (method, seed), curve in runs.items():
+        run = {"method": method, "seed": seed, "curve": curve}
+        (tmp_path / "seed_runs" / f"{method}_seed{seed}.json").write_text(json.dumps(run))
+    terms = level_terms(tmp_path, n_levels=2)
+    assert terms["fast"]["ppo_rounds"] == [2, 3] and terms["fast"]["arm_rounds"] == [2, 2]
+    assert terms["fast"]["terms"] == pytest.approx([0, 1 / 3])
+    assert terms["short"]["arm_rounds"] == [1, 4] and terms["short"]["terms"] == pytest.approx([0.5, -1 / 3])
+    # the same SE_ave as the library's metric
+    eff = efficiency(np.array(runs[("short", 0)]), np.array(runs[("ppo", 0)]), n_levels=2)
+    assert np.mean(terms["short"]["terms"]) == pytest.approx(eff.se_ave)
+    assert level_lines(tmp_path)[0].startswith(tmp_path.name)
