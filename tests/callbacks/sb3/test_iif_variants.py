@@ -75,17 +75,24 @@ def test_validation_scores_are_brute_force_against_held_out_transitions() -> Non
     assert calls[0]["samples"] == _keys(records, expected.keep)  # train() saw exactly these
 
 
-def test_rescore_each_epoch_drops_what_the_rule_says_at_the_current_parameters() -> None:
-    epochs = 3
+def _rescored_round(rescore: str, epochs: int) -> tuple[Any, IIFCallback, RecordBatch, list, torch.Tensor]:
+    """One round of neg-bottom 0.5 with ``rescore``, spied on: (model, callback, records, the
+    spy's calls, the first epoch's kept mask, checked against the rule on the round's scores)."""
     model = _model(n_epochs=epochs)
     calls = _spy(model)
-    cb = IIFCallback(p=0.5, min_keep=1, rescore="epoch")
+    cb = IIFCallback(p=0.5, min_keep=1, rescore=rescore)
     model.learn(N_STEPS * N_ENVS, callback=cb)
     records = cb.last_records
     assert records is not None and len(calls) == epochs
+    first = NegBottom(0.5)(cb.last_scores.scores).keep  # type: ignore[union-attr]
+    assert calls[0]["samples"] == _keys(records, first)
+    return model, cb, records, calls, first
+
+
+def test_rescore_each_epoch_drops_what_the_rule_says_at_the_current_parameters() -> None:
+    epochs = 3
+    model, cb, records, calls, kept = _rescored_round("epoch", epochs)
     config = cb.loss_config()
-    kept = NegBottom(0.5)(cb.last_scores.scores).keep  # type: ignore[union-attr]
-    assert calls[0]["samples"] == _keys(records, kept)
     for e in range(1, epochs):
         pos = torch.nonzero(kept).flatten()
         subset = records.select(pos)
@@ -103,15 +110,8 @@ def test_rescore_each_epoch_drops_what_the_rule_says_at_the_current_parameters()
 
 def test_fresh_rescore_selects_from_every_record_at_each_epoch() -> None:
     epochs = 4
-    model = _model(n_epochs=epochs)
-    calls = _spy(model)
-    cb = IIFCallback(p=0.5, min_keep=1, rescore="epoch-fresh")
-    model.learn(N_STEPS * N_ENVS, callback=cb)
-    records = cb.last_records
-    assert records is not None and len(calls) == epochs
+    model, cb, records, calls, first = _rescored_round("epoch-fresh", epochs)
     config = cb.loss_config()
-    first = NegBottom(0.5)(cb.last_scores.scores).keep  # type: ignore[union-attr]
-    assert calls[0]["samples"] == _keys(records, first)
     n_neg, n_neg_kept = [], []
     for e in range(1, epochs):
         # every record of the round, scored at epoch e's parameters against the round's target
