@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rlattr.eval.efficiency import efficiency, rounds_to_reach
+from rlattr.eval.efficiency import efficiency, level_rounds
 
 
 def _ci(stats: dict[str, float] | None) -> str:
@@ -94,12 +94,10 @@ def per_seed_lines(folder: Path) -> list[str]:
     for arm, by_seed in table.items():
         cells = " ".join(f"s{s} {v:.1f}" for s, v in by_seed.items())
         common = [s for s in by_seed if s in iif]
-        ahead = (
-            ""
-            if arm == "iif" or not common
-            else (f"  (ahead of IIF on {sum(by_seed[s] > iif[s] for s in common)} of {len(common)} seeds)")
-        )
-        out.append(f"  {arm}: {cells}{ahead}")
+        if arm != "iif" and common:
+            ahead = sum(by_seed[s] > iif[s] for s in common)
+            cells += f"  (ahead of IIF on {ahead} of {len(common)} seeds)"
+        out.append(f"  {arm}: {cells}")
     return out
 
 
@@ -124,9 +122,7 @@ def level_terms(folder: Path, n_levels: int = 20) -> dict[str, dict[str, list[fl
             continue
         mine = np.mean([curves[s] for s in seeds], axis=0)
         base = np.mean([ppo[s] for s in seeds], axis=0)
-        levels = base[0] + (base.max() - base[0]) * np.arange(1, n_levels + 1) / n_levels
-        m_base = rounds_to_reach(base, levels)
-        m_arm = np.minimum(rounds_to_reach(mine, levels), float(mine.size))
+        m_base, m_arm, _ = level_rounds(mine, base, n_levels)
         out[arm] = {
             "ppo_rounds": m_base.tolist(),
             "arm_rounds": m_arm.tolist(),

@@ -46,6 +46,12 @@ SCORE_ON = ("buffer", "validation")
 RESCORE = ("round", "epoch", "epoch-fresh")
 
 
+def _shallow_copy(value: Any) -> Any:
+    """A dict of arrays copied (SB3's ``get()`` flattens a DictRolloutBuffer's observations in place,
+    inside the dict), any other value as it is (``get()`` replaces those attributes)."""
+    return dict(value) if isinstance(value, dict) else value
+
+
 class IIFCallback(InfluenceCallback):
     """Score every round against the return target and train PPO on the kept records only.
 
@@ -197,10 +203,7 @@ class IIFCallback(InfluenceCallback):
         if self.rescore == "epoch-fresh":
             buf = self.model.rollout_buffer
             self._full_shape = BufferShape(buf.buffer_size, buf.n_envs)
-            self._full_arrays = {
-                name: dict(value) if isinstance(value, dict) else value
-                for name, value in ((n, getattr(buf, n)) for n in per_record_arrays(buf))
-            }
+            self._full_arrays = {name: _shallow_copy(getattr(buf, name)) for name in per_record_arrays(buf)}
         # a rule that keeps every record leaves the buffer, and so PPO's update, exactly as they were
         if not bool(result.keep.all()):
             self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
@@ -241,11 +244,10 @@ class IIFCallback(InfluenceCallback):
         """Score the kept records (``"epoch"``) or all the round's records (``"epoch-fresh"``) at
         the current parameters against the round's target data and compact the buffer to what the
         rule keeps of them."""
-        records, pos = self.last_records, self._kept_pos
-        assert records is not None and pos is not None
+        records = self.last_records
+        assert records is not None and self._kept_pos is not None
         fresh = self.rescore == "epoch-fresh"
-        if fresh:
-            pos = torch.arange(len(records))
+        pos = torch.arange(len(records)) if fresh else self._kept_pos
         target: TargetSpec
         validation: RecordBatch | None
         if isinstance(self.target, ReturnTarget) and self.target.source == "buffer":
@@ -269,17 +271,14 @@ class IIFCallback(InfluenceCallback):
             self._put_full_arrays()
         if not bool(result.keep.all()):
             compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
-            self._kept_pos = pos[result.keep]
-        elif fresh:
-            self._kept_pos = pos
+            self._kept_pos = pos[result.keep]  # read by "epoch" only
 
     def _put_full_arrays(self) -> None:
         """Give the buffer the round's full, unflattened arrays back (``rescore="epoch-fresh"``)."""
         assert self._full_arrays is not None and self._full_shape is not None
         buf = self.model.rollout_buffer
         for name, value in self._full_arrays.items():
-            # SB3's get() flattens a DictRolloutBuffer's observations in place: hand out a copy
-            setattr(buf, name, dict(value) if isinstance(value, dict) else value)
+            setattr(buf, name, _shallow_copy(value))
         buf.buffer_size, buf.n_envs = self._full_shape.buffer_size, self._full_shape.n_envs
         buf.pos, buf.full, buf.generator_ready = self._full_shape.buffer_size, True, False
 

@@ -104,6 +104,21 @@ class Efficiency:
         return asdict(self)
 
 
+def level_rounds(
+    method: np.ndarray, base: np.ndarray, n_levels: int = 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SE_ave's level by level inputs: ``(m_base, m_method, reached)``, each ``[n_levels]`` over
+    :func:`levels_between` ``(base, n_levels)``; a level the method never reaches is censored at its
+    budget (``len(method)`` rounds) and marked ``False`` in ``reached``. SE_ave's terms are
+    ``1 - m_method / m_base``."""
+    m_curve, b_curve = _curve("method", method), _curve("base", base)
+    levels = levels_between(b_curve, n_levels)
+    m_base = rounds_to_reach(b_curve, levels)
+    m_method = rounds_to_reach(m_curve, levels)
+    reached = np.isfinite(m_method)
+    return m_base, np.where(reached, m_method, float(m_curve.size)), reached
+
+
 def efficiency(
     method: np.ndarray,
     base: np.ndarray,
@@ -124,10 +139,7 @@ def efficiency(
     if b_curve.max() <= b_curve[0]:
         nan = float("nan")
         return Efficiency(nan, nan, nan, nan, float(b_curve.max()))
-    m_base = rounds_to_reach(b_curve, levels)
-    m_method = rounds_to_reach(m_curve, levels)
-    reached = np.isfinite(m_method)
-    m_method = np.where(reached, m_method, float(m_curve.size))
+    m_base, m_method, reached = level_rounds(m_curve, b_curve, n_levels)
     ratios = 1.0 - m_method / m_base
     rt = float("nan")
     if method_seconds is not None and base_seconds is not None:
@@ -229,6 +241,7 @@ __all__ = [
     "Efficiency",
     "bootstrap_efficiency",
     "efficiency",
+    "level_rounds",
     "levels_between",
     "mean_and_band",
     "rounds_to_reach",

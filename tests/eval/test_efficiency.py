@@ -145,3 +145,12 @@ def test_trailing_mean_of_window_one_is_the_curve_exactly_so_first_passages_do_n
         direct = efficiency(method, base, n_levels=20)
         boot = bootstrap_efficiency(method[None], base[None], n_levels=20, n_boot=2, paired=True)
         assert boot["se_ave"]["value"] == direct.se_ave
+
+
+def test_level_rounds_censors_by_hand() -> None:
+    from rlattr.eval.efficiency import level_rounds
+
+    # levels 0.5 and 1.0 over base [0, 0.5, 1, 1]: base rounds 2 and 3; the method reaches 0.5 at
+    # round 1 and never 1.0, censored at its 4 rounds
+    m_base, m_method, reached = level_rounds(np.array([0.5, 0.5, 0.5, 0.9]), np.array([0, 0.5, 1, 1.0]), 2)
+    assert m_base.tolist() == [2, 3] and m_method.tolist() == [1, 4] and reached.tolist() == [True, False]
