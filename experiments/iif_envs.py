@@ -9,7 +9,10 @@ with ``iif.f``, default 0.5), ``iif-adaptive-<f>`` (the same at the fraction ``f
 arm, so that arms at different f keep separate run files), ``iif-epoch`` (neg-bottom p,
 re-scored at every epoch, applied to what the last epoch kept: the drops compound) and
 ``iif-epoch-fresh`` (neg-bottom p applied at every epoch to all the round's records, re-scored at
-the current parameters: no compounding).
+the current parameters: no compounding), ``iif-refill`` (neg-bottom p, the kept records resampled
+back to the round's size so that PPO takes as many minibatch steps as unfiltered,
+``weighting="refill"``) and ``iif-soft`` (neg-bottom p's dropped records down-weighted in
+proportion to their score instead of dropped, ``weighting="soft"``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,17 @@ from torch import nn
 
 from rlattr.callbacks.sb3.iif import IIFCallback
 
-METHODS = ("ppo", "iif", "random", "iif-val", "iif-adaptive", "iif-epoch", "iif-epoch-fresh")
+METHODS = (
+    "ppo",
+    "iif",
+    "random",
+    "iif-val",
+    "iif-adaptive",
+    "iif-epoch",
+    "iif-epoch-fresh",
+    "iif-refill",
+    "iif-soft",
+)
 ADAPTIVE = "iif-adaptive-"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -297,6 +310,8 @@ def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
         kwargs["rescore"] = "epoch"
     if method == "iif-epoch-fresh":
         kwargs["rescore"] = "epoch-fresh"
+    if method in ("iif-refill", "iif-soft"):
+        kwargs["weighting"] = method[len("iif-") :]
     return StudyIIF(drop="neg-bottom", p=p, seed=seed, **kwargs)
 
 
@@ -345,4 +360,7 @@ def run_one(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
         ],
         "score_tails": iif.tails if isinstance(iif, StudyIIF) else [],
         "adaptive_f": f,
+        # weighting "refill"/"soft": records drawn at least once, and the weights' total, per round
+        "n_unique": [h["n_unique"] for h in history if "n_unique" in h],
+        "weight_sum": [h["weight_sum"] for h in history if "weight_sum" in h],
     }

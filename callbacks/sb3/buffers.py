@@ -64,10 +64,13 @@ def compact_rollout_buffer(buffer: RolloutBuffer, keep: np.ndarray) -> BufferSha
     Args:
         buffer: a full SB3 ``RolloutBuffer`` or ``DictRolloutBuffer``.
         keep: ``bool[buffer_size * n_envs]`` in step-major record order (record r is env
-            ``r % n_envs`` at step ``r // n_envs``, the order of :class:`RecordBatch`).
+            ``r % n_envs`` at step ``r // n_envs``, the order of :class:`RecordBatch`), or an
+            integer array of record positions in that order, repeats allowed (a record given
+            twice is trained on twice per epoch: how resampled weights reach SB3's ``train()``).
 
-    After the call every per-record array is ``(n_kept, 1, ...)`` in record order,
-    ``buffer_size = pos = n_kept``, ``n_envs = 1``, ``full = True`` and ``generator_ready = False``.
+    After the call every per-record array is ``(n_kept, 1, ...)`` in record order (the order of
+    the positions given), ``buffer_size = pos = n_kept``, ``n_envs = 1``, ``full = True`` and
+    ``generator_ready = False``.
     """
     if not isinstance(buffer, (RolloutBuffer, DictRolloutBuffer)):
         raise TypeError(f"buffer: expected an SB3 RolloutBuffer, got {type(buffer).__name__}")
@@ -75,9 +78,19 @@ def compact_rollout_buffer(buffer: RolloutBuffer, keep: np.ndarray) -> BufferSha
         raise RlattrError("buffer: the rollout buffer is not full; compact it after collect_rollouts")
     n = buffer.buffer_size * buffer.n_envs
     mask = np.asarray(keep)
-    if mask.dtype != np.bool_ or mask.shape != (n,):
-        raise RlattrError(f"keep: expected a bool array of shape ({n},), got {mask.dtype} {mask.shape}")
-    n_kept = int(mask.sum())
+    if mask.dtype == np.bool_ and mask.shape == (n,):
+        n_kept = int(mask.sum())
+    elif np.issubdtype(mask.dtype, np.integer) and mask.ndim == 1:
+        if mask.size and (int(mask.min()) < 0 or int(mask.max()) >= n):
+            raise RlattrError(
+                f"keep: record positions must lie in [0, {n}), got {int(mask.min())}..{int(mask.max())}"
+            )
+        n_kept = int(mask.size)
+    else:
+        raise RlattrError(
+            f"keep: expected a bool array of shape ({n},) or a 1-D integer array of record "
+            f"positions, got {mask.dtype} {mask.shape}"
+        )
     if n_kept == 0:
         raise RlattrError("keep: keeps no record; SB3's train() needs at least one")
     shape = BufferShape(buffer.buffer_size, buffer.n_envs)

@@ -36,7 +36,15 @@ from rlattr.callbacks.sb3.buffers import (
 from rlattr.callbacks.sb3.influence import InfluenceCallback
 from rlattr.errors import RlattrError
 from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
-from rlattr.rl.filtering import FilterResult, NegBottom, RandomDrop, SelectionRule, make_rule
+from rlattr.rl.filtering import (
+    FilterResult,
+    NegBottom,
+    RandomDrop,
+    SelectionRule,
+    make_rule,
+    soft_weights,
+    systematic_counts,
+)
 from rlattr.rl.records import RecordBatch
 from rlattr.rl.targets import ReturnTarget, TargetSpec
 
@@ -44,6 +52,7 @@ from rlattr.rl.targets import ReturnTarget, TargetSpec
 RULE_KWARGS = ("f", "k", "like", "q", "t")
 SCORE_ON = ("buffer", "validation")
 RESCORE = ("round", "epoch", "epoch-fresh")
+WEIGHTING = ("drop", "refill", "soft")
 
 
 def _shallow_copy(value: Any) -> Any:
@@ -79,6 +88,14 @@ class IIFCallback(InfluenceCallback):
             the round at the current parameters and train that epoch on what the rule keeps of all
             of them (no compounding: each epoch drops about what the round's first selection
             dropped, and a record dropped earlier can come back).
+        weighting: how the rule's decision reaches ``train()``: ``"drop"`` (the paper's: train on
+            the kept records only, so each epoch has fewer minibatches), ``"refill"`` (the kept
+            records resampled back to the round's record count, so PPO takes as many minibatch
+            steps as without a filter) or ``"soft"`` (per-record loss weights instead of a drop:
+            a kept record weighs 1, a dropped one ``1 - s / s_min``, from
+            :func:`rlattr.rl.filtering.soft_weights`, realised as multiplicities by systematic
+            resampling back to the round's record count). ``"refill"`` and ``"soft"`` need
+            ``rescore="round"``.
         rule_kwargs: arguments of the other named rules (``f`` of ``"adaptive"``, ``q``, ``t``, ``k``)
             and ``like``, the rule
             a ``"random"`` drop shadows; every rule comes from :func:`rlattr.rl.filtering.make_rule`.
@@ -92,7 +109,10 @@ class IIFCallback(InfluenceCallback):
             threshold, note, dropped_ids (``[[round, step, env], ...]``); with ``rescore="epoch"``
             also epoch_drops: per later epoch, the ids dropped at its start (from the records the
             epoch before kept); with ``"epoch-fresh"`` epoch_drops holds, per later epoch, every id
-            that epoch left out of the round's records.
+            that epoch left out of the round's records. With ``weighting`` ``"refill"`` or
+            ``"soft"``: n_unique (records drawn at least once), max_count (the most draws of one
+            record) and, for ``"soft"``, weight_sum (the weights' total; dropped_ids are then the
+            ids the rule down-weighted).
 
     ``rescore="epoch"`` hooks into SB3's unmodified ``train()``, which calls
     ``rollout_buffer.get(batch_size)`` once per epoch: for the round, the buffer instance gets a
@@ -111,12 +131,20 @@ class IIFCallback(InfluenceCallback):
         save_dropped: bool = True,
         score_on: str = "buffer",
         rescore: str = "round",
+        weighting: str = "drop",
         **influence_kwargs: Any,
     ) -> None:
         if score_on not in SCORE_ON:
             raise RlattrError(f"score_on: got {score_on!r}; supported: {list(SCORE_ON)}")
         if rescore not in RESCORE:
             raise RlattrError(f"rescore: got {rescore!r}; supported: {list(RESCORE)}")
+        if weighting not in WEIGHTING:
+            raise RlattrError(f"weighting: got {weighting!r}; supported: {list(WEIGHTING)}")
+        if weighting != "drop" and rescore != "round":
+            raise RlattrError(
+                f"weighting: got {weighting!r} with rescore={rescore!r}; supported: weighting 'drop' "
+                "with any rescore, 'refill' and 'soft' with rescore='round'"
+            )
         if score_on == "validation":
             if "target" in influence_kwargs:
                 raise RlattrError(
@@ -150,7 +178,7 @@ class IIFCallback(InfluenceCallback):
                 f"rescore: got {rescore!r} with advantage_norm='minibatch'; supported: advantage_norm "
                 "'auto', 'buffer' or 'none'"
             )
-        self.score_on, self.rescore = score_on, rescore
+        self.score_on, self.rescore, self.weighting = score_on, rescore, weighting
         self.filter_history: list[dict[str, Any]] = []
         self._original_shape: BufferShape | None = None
         self._kept_pos: torch.Tensor | None = None  # record position of each row of the compacted buffer
@@ -188,6 +216,7 @@ class IIFCallback(InfluenceCallback):
             "iif_rule": self.rule.config(),
             "score_on": self.score_on,
             "rescore": self.rescore,
+            "weighting": self.weighting,
         }
 
     # ----------------------------------------------------------------- hooks
@@ -205,13 +234,39 @@ class IIFCallback(InfluenceCallback):
             self._full_shape = BufferShape(buf.buffer_size, buf.n_envs)
             self._full_arrays = {name: _shallow_copy(getattr(buf, name)) for name in per_record_arrays(buf)}
         # a rule that keeps every record leaves the buffer, and so PPO's update, exactly as they were
-        if not bool(result.keep.all()):
+        resampled: dict[str, Any] = {}
+        if self.weighting != "drop":
+            positions, resampled = self._resample(s, result, records.round_index)
+            if positions is not None:
+                self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, positions)
+        elif not bool(result.keep.all()):
             self._original_shape = compact_rollout_buffer(self.model.rollout_buffer, result.keep.numpy())
-        self._log_filter(records, result)
+        self._log_filter(records, result, resampled)
         if self.rescore != "round":
             self._kept_pos = torch.nonzero(result.keep).flatten()
             self._epochs_seen = 0
             self._hook_get()
+
+    def _resample(
+        self, scores: torch.Tensor, result: FilterResult, round_index: int
+    ) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The record positions (repeats allowed) that give ``train()`` the rule's decision as weights
+        (``weighting`` ``"refill"`` or ``"soft"``), or None when every weight is 1 (the buffer then
+        stays as it is), and what the log records of them."""
+        n = scores.numel()
+        weights = result.keep.double() if self.weighting == "refill" else soft_weights(scores, result.keep)
+        if bool((weights == 1.0).all()):
+            return None, {"n_unique": n, "max_count": 1, "weight_sum": float(n)}
+        # the systematic offset comes from a generator of this callback's seed and the round,
+        # never from the global RNG that SB3's shuffling draws on
+        offset = float(np.random.default_rng([self.seed, round_index]).random())
+        counts = systematic_counts(weights, n, offset).numpy()
+        info = {
+            "n_unique": int((counts > 0).sum()),
+            "max_count": int(counts.max()),
+            "weight_sum": float(weights.sum()),
+        }
+        return np.repeat(np.arange(n), counts), info
 
     # ----------------------------------------------------------------- re-scoring per epoch
     def _hook_get(self) -> None:
@@ -298,7 +353,9 @@ class IIFCallback(InfluenceCallback):
             restore_rollout_buffer(buf, shape)
 
     # ----------------------------------------------------------------- outputs
-    def _log_filter(self, records: RecordBatch, result: FilterResult) -> None:
+    def _log_filter(
+        self, records: RecordBatch, result: FilterResult, resampled: dict[str, Any] | None = None
+    ) -> None:
         dropped = records.ids[~result.keep].tolist()
         entry = {
             "round": records.round_index,
@@ -309,6 +366,7 @@ class IIFCallback(InfluenceCallback):
             "threshold": result.threshold,
             "note": result.note,
             "dropped_ids": dropped,
+            **(resampled or {}),
         }
         self.filter_history.append(entry)
         self.logger.record("attr/kept_fraction", result.kept_fraction)

@@ -269,6 +269,58 @@ RULE_PARAMETER: dict[str, tuple[str, Callable[[Any, int], SelectionRule]]] = {
 }
 
 
+def soft_weights(scores: Tensor, keep: Tensor) -> Tensor:
+    """Per-record loss weights in [0, 1] that soften a rule's drop: a kept record weighs 1, a dropped
+    one ``1 - s / s_min`` (``s_min`` the round's lowest score), so its weight falls linearly with its
+    score from about 1 near zero to 0 at the most negative record. Dropping a record changes the
+    target by about minus its score (first order), so a weight takes away that share of it.
+
+    Args:
+        scores: ``Tensor[n]``, one score per record (positive = helps the target).
+        keep: ``Tensor[n]`` of bool, what the rule keeps.
+    """
+    s = _check_scores(scores)
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != s.shape:
+        got = (keep.dtype, tuple(keep.shape)) if isinstance(keep, Tensor) else type(keep).__name__
+        raise RlattrError(f"keep: expected a bool Tensor of shape {tuple(s.shape)}, got {got}")
+    weights = torch.ones_like(s)
+    s_min = float(s.min())
+    if s_min < 0:
+        dropped = ~keep.cpu()
+        weights[dropped] = (1.0 - s[dropped] / s_min).clamp(0.0, 1.0)
+    return weights
+
+
+def systematic_counts(weights: Tensor, total: int, offset: float) -> Tensor:
+    """How many times each record appears in ``total`` draws by systematic resampling.
+
+    Record i's expected count is ``e_i = total * w_i / sum(w)``; systematic resampling (one uniform
+    ``offset`` in [0, 1) for all records) gives it ``floor(c_i + offset) - floor(c_(i-1) + offset)``
+    with ``c_i = e_1 + ... + e_i``, which is ``floor(e_i)`` or ``ceil(e_i)``, and the counts add up to
+    ``total`` exactly. A training epoch over the resampled records is then, summed over its
+    minibatches, the loss weighted by ``w`` up to the rounding of the counts.
+
+    Args:
+        weights: ``Tensor[n]`` of non-negative finite weights, not all zero.
+        total: how many draws (>= 1).
+        offset: the systematic offset, in [0, 1).
+    """
+    if not isinstance(weights, Tensor) or weights.dim() != 1 or weights.numel() == 0:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise RlattrError(f"weights: expected a non-empty Tensor[n], got {shape}")
+    w = weights.detach().double().cpu()
+    if not torch.isfinite(w).all() or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise RlattrError("weights: must be finite and non-negative with a positive sum")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise RlattrError(f"total: expected an int >= 1, got {total!r}")
+    if not isinstance(offset, (int, float)) or not 0.0 <= float(offset) < 1.0:
+        raise RlattrError(f"offset: expected a number in [0, 1), got {offset!r}")
+    edges = torch.cumsum(w, 0) * (total / float(w.sum()))
+    edges[-1] = float(total)  # the sum is total exactly, whatever the rounding of the cumsum
+    cut = torch.floor(edges + float(offset)).long().clamp(max=total)
+    return torch.diff(cut, prepend=torch.zeros(1, dtype=torch.long))
+
+
 def make_rule(
     drop: str,
     *,
