@@ -4,7 +4,8 @@ Used by ``experiments/iif_sample_efficiency.py``; one (method, seed) run is :fun
 Methods: ``ppo`` (standard SB3 PPO), ``iif`` (IIFCallback, neg-bottom p), ``random``
 (IIFCallback with a random drop of as many records as neg-bottom would drop), and the variants
 beyond the paper: ``iif-val`` (neg-bottom p scored against ``iif.validation_steps`` fresh
-transitions from a separate env, ``score_on="validation"``), ``iif-adaptive`` (``drop="adaptive"``
+transitions from a separate env, ``score_on="validation"``; ``iif-val-<n>`` the same with ``n``
+fresh transitions), ``iif-adaptive`` (``drop="adaptive"``
 with ``iif.f``, default 0.5), ``iif-adaptive-<f>`` (the same at the fraction ``f`` named in the
 arm, so that arms at different f keep separate run files), ``iif-epoch`` (neg-bottom p,
 re-scored at every epoch, applied to what the last epoch kept: the drops compound) and
@@ -47,6 +48,8 @@ METHODS = (
     "iif-soft",
 )
 ADAPTIVE = "iif-adaptive-"
+VALIDATION = "iif-val-"
+ARM_FORMS = f"{METHODS} or '{ADAPTIVE}<f>' (0 < f <= 1) or '{VALIDATION}<steps>' (steps >= 1)"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
@@ -283,11 +286,34 @@ def adaptive_f(cfg: dict[str, Any], method: str) -> float | None:
         except ValueError:
             f = float("nan")
         if not 0.0 < f <= 1.0:
-            raise ValueError(f"method: got {method!r}; supported: {METHODS} or '{ADAPTIVE}<f>', 0 < f <= 1")
+            raise ValueError(f"method: got {method!r}; supported: {ARM_FORMS}")
         return f
-    if method not in METHODS:
-        raise ValueError(f"method: got {method!r}; supported: {METHODS} or '{ADAPTIVE}<f>', 0 < f <= 1")
+    validation_steps(cfg, method)  # raises for a bad iif-val-<steps>
+    if method not in METHODS and not method.startswith(VALIDATION):
+        raise ValueError(f"method: got {method!r}; supported: {ARM_FORMS}")
     return float(cfg["iif"].get("f", 0.5)) if method == "iif-adaptive" else None
+
+
+def validation_steps(cfg: dict[str, Any], method: str) -> int | None:
+    """The side-rollout length of a validation-target arm (``iif-val-<steps>``, or
+    ``iif.validation_steps``, default 256, for ``iif-val``); None for the other arms."""
+    if method == "iif-val":
+        return int(cfg["iif"].get("validation_steps", 256))
+    if not method.startswith(VALIDATION):
+        return None
+    text = method[len(VALIDATION) :]
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"method: got {method!r}; supported: {ARM_FORMS}")
+    return int(text)
+
+
+def arm_order(method: str) -> tuple[int, str, float]:
+    """Sort key of the study arms: METHODS in their order, then the parameterised arms by their
+    form and number (``iif-adaptive-<f>`` by f, ``iif-val-<steps>`` by steps)."""
+    if method in METHODS:
+        return METHODS.index(method), "", 0.0
+    prefix = ADAPTIVE if method.startswith(ADAPTIVE) else VALIDATION
+    return len(METHODS), prefix, float(method[len(prefix) :])
 
 
 def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
@@ -300,11 +326,11 @@ def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
         return StudyIIF(drop="random", p=p, seed=seed, **kwargs)
     if f is not None:
         return StudyIIF(drop="adaptive", rule_kwargs={"f": f}, **kwargs)
-    if method == "iif-val":
+    steps = validation_steps(cfg, method)
+    if steps is not None:
         # a separate env, seeded apart from training, whose transitions are never trained on
         val_env = DummyVecEnv([env_factory(cfg)])
         val_env.seed(seed + 1_000_003)
-        steps = int(settings.get("validation_steps", 256))
         kwargs.update(score_on="validation", validation_env=val_env, validation_steps=steps)
     if method == "iif-epoch":
         kwargs["rescore"] = "epoch"

@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from iif_envs import ADAPTIVE, METHODS, OPTIMIZERS, adaptive_f, run_one  # noqa: E402
+from iif_envs import ARM_FORMS, OPTIMIZERS, adaptive_f, arm_order, run_one  # noqa: E402
 
 from rlattr.core.store import atomic_write_bytes, save_json  # noqa: E402
 from rlattr.eval.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
@@ -114,9 +114,8 @@ def run_study(cfg: dict[str, Any], out: Path, seeds: list[int], methods: list[st
 
 
 def _ordered(methods: list[str] | dict[str, Any]) -> list[str]:
-    """Study arms in table order: METHODS first, then the ``iif-adaptive-<f>`` arms by f."""
-    extra = sorted((m for m in methods if m not in METHODS), key=lambda m: float(m[len(ADAPTIVE) :]))
-    return [m for m in METHODS if m in methods] + extra
+    """Study arms in table order: METHODS first, then the parameterised arms by their number."""
+    return sorted(methods, key=arm_order)
 
 
 def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -335,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--methods",
         default="ppo,iif,random",
-        help=f"comma-separated subset of {METHODS}, or {ADAPTIVE}<f> (the adaptive rule at fraction f)",
+        help=f"comma-separated arms: {ARM_FORMS}",
     )
     ap.add_argument(
         "--workers",
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             bad.append(m)
     if bad or args.seeds < 1 or args.workers < 1:
-        ap.error(f"--methods {bad} not in {METHODS}, or --seeds/--workers < 1")
+        ap.error(f"--methods {bad} not in {ARM_FORMS}, or --seeds/--workers < 1")
     overrides = {"rounds": args.rounds, "n_steps": args.n_steps, "episodes": args.episodes}
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     collected = []

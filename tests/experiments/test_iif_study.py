@@ -12,7 +12,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
-from iif_envs import adaptive_f, epoch_kept_fraction, tail_stats  # noqa: E402
+from iif_envs import (  # noqa: E402
+    adaptive_f,
+    arm_order,
+    epoch_kept_fraction,
+    tail_stats,
+    validation_steps,
+)
 from iif_sample_efficiency import compare  # noqa: E402
 
 from rlattr.eval.efficiency import efficiency  # noqa: E402
@@ -27,6 +33,29 @@ def test_adaptive_arm_names_carry_their_fraction() -> None:
     for bad in ("iif-adaptive-x", "iif-adaptive-1.5", "iif-adaptive-0", "iff"):
         with pytest.raises(ValueError, match=f"method: got '{bad}'"):
             adaptive_f({"iif": {}}, bad)
+
+
+def test_validation_arm_names_carry_their_steps() -> None:
+    assert validation_steps({"iif": {}}, "iif-val-2048") == 2048
+    assert validation_steps({"iif": {"validation_steps": 64}}, "iif-val") == 64
+    assert validation_steps({"iif": {}}, "iif-val") == 256
+    assert validation_steps({"iif": {}}, "iif-refill") is None
+    assert adaptive_f({"iif": {}}, "iif-val-2048") is None  # a valid arm, no adaptive fraction
+    for bad in ("iif-val-0", "iif-val-x", "iif-val--5"):
+        with pytest.raises(ValueError, match=f"method: got '{bad}'"):
+            validation_steps({"iif": {}}, bad)
+        with pytest.raises(ValueError, match=f"method: got '{bad}'"):
+            adaptive_f({"iif": {}}, bad)
+    arms = ["iif-val-2048", "iif-adaptive-0.9", "iif-soft", "ppo", "iif-val-512", "iif-adaptive-0.5", "iif"]
+    assert sorted(arms, key=arm_order) == [
+        "ppo",
+        "iif",
+        "iif-soft",
+        "iif-adaptive-0.5",
+        "iif-adaptive-0.9",
+        "iif-val-512",
+        "iif-val-2048",
+    ]
 
 
 def test_tail_stats_by_hand() -> None:
