@@ -46,6 +46,7 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 from torch import Tensor
 
 from rlattr.callbacks.sb3.guards import check_buffer_shape, check_finite, check_trainable
+from rlattr.callbacks.sb3.outputs import RoundOutputs
 from rlattr.callbacks.sb3.policy import (
     PARAM_SETS,
     SB3PolicyEval,
@@ -57,7 +58,6 @@ from rlattr.callbacks.sb3.policy import (
 )
 from rlattr.callbacks.sb3.validation import collect_validation
 from rlattr.errors import RlattrError, check_int
-from rlattr.reporting.summary import score_summary
 from rlattr.rl.attribution import RoundScores, RoundSpec, score_round
 from rlattr.rl.ppo import ADVANTAGE_NORMS, PPOLossConfig
 from rlattr.rl.records import (
@@ -85,7 +85,7 @@ def preserved_rng():
             np.random.set_state(np_state)
 
 
-class InfluenceCallback(BaseCallback):
+class InfluenceCallback(RoundOutputs, BaseCallback):
     """Score every record of every PPO round against a target.
 
     Args:
@@ -284,11 +284,7 @@ class InfluenceCallback(BaseCallback):
         """Hook for subclasses: called after scoring, before SB3's ``train()`` (no-op here)."""
 
     def _on_training_end(self) -> None:
-        if self._writer is not None and "TensorBoard events" not in self._outputs_off:
-            try:
-                self._writer.flush()
-            except OSError as err:
-                self._stop_output("TensorBoard events", err)
+        self._flush_tensorboard()
 
     def resume_at(self, round_index: int) -> None:
         """Continue the run already in ``log_dir`` at ``round_index`` (``rlattr train --resume``):
@@ -306,17 +302,6 @@ class InfluenceCallback(BaseCallback):
             obs = unflatten_observations("probe_observations", stored)
             if obs is not None and "probe_actions" in stored:
                 self._probe = ActionTarget(obs, stored["probe_actions"], reduce="none")
-
-    def _stop_output(self, what: str, err: OSError) -> None:
-        """A full disk or a read-only folder: warn once, stop writing ``what``, keep training."""
-        if what not in self._outputs_off:
-            warnings.warn(
-                f"{type(self).__name__}: {err} while writing {what} into {str(self.run_dir)!r}; {what} stop "
-                "here (the scores stay in callback.history) and training goes on",
-                UserWarning,
-                stacklevel=2,
-            )
-        self._outputs_off.add(what)
 
     # ----------------------------------------------------------------- public API
     @property
@@ -397,57 +382,6 @@ class InfluenceCallback(BaseCallback):
         if self.last_scores is None:
             raise RuntimeError("round_scores: no round has been scored yet")
         return self.last_scores.as_dict()
-
-    # ----------------------------------------------------------------- outputs
-    def _write_snapshot(self, records: RecordBatch, scores: RoundScores, summary: dict[str, Any]) -> int:
-        assert self._snapshots is not None
-        theta = {n: p.detach().cpu().clone() for n, p in self.model.policy.state_dict().items()}
-        extra = {k: v for k, v in self.last_probe.items() if k in ("probe_scores", "probe_logp")}
-        if self.last_probe and not self.history:  # the probes themselves, once, with the first round
-            extra.update({k: v for k, v in self.last_probe.items() if k.startswith("probe_observations")})
-            extra["probe_actions"] = self.last_probe["probe_actions"]
-        return self._snapshots.write_round(records, scores, theta, summary, extra)
-
-    def _image_due(self) -> bool:
-        """Whether this scored round gets the score-vs-advantage image: the image_every-th, 2 *
-        image_every-th, ... scored round. Not round 0: a run shorter than image_every rounds never
-        imports matplotlib nor draws a figure (about 70 % of the callback's one-off start-up)."""
-        return (self.n_scored + 1) % self.image_every == 0
-
-    def _record_round(self, scores: RoundScores) -> None:
-        records = self.last_records
-        assert records is not None
-        s = scores.scores if scores.scores.dim() == 1 else scores.scores.mean(0)
-        summary: dict[str, Any] = {
-            "round": records.round_index,
-            "timesteps": int(self.model.num_timesteps),
-            "n_records": len(records),
-            **score_summary(s, records.advantages),
-            "seconds": scores.seconds,
-        }
-        if self.last_probe:
-            summary["probe_net"] = self.last_probe["probe_scores"].sum(1).tolist()
-            summary["probe_logp"] = self.last_probe["probe_logp"].tolist()
-        if self._snapshots is not None and "snapshots" not in self._outputs_off:
-            try:
-                summary["disk_bytes"] = self._write_snapshot(records, scores, summary)
-            except OSError as err:
-                self._stop_output("snapshots", err)
-        if self._writer is not None and "TensorBoard events" not in self._outputs_off:
-            image = self._image_due()
-            try:
-                self._writer.log_round(
-                    self.model.num_timesteps, records, scores, summary, self.top_k, image=image
-                )
-            except OSError as err:
-                self._stop_output("TensorBoard events", err)
-        self.history.append(summary)
-        self.n_scored += 1
-        if self.verbose >= 1:
-            print(
-                f"[rlattr] round {summary['round']}: {summary['n_records']} records scored in "
-                f"{summary['seconds']:.3f}s, positive fraction {summary['positive_fraction']:.2f}"
-            )
 
 
 __all__ = ["InfluenceCallback", "preserved_rng"]
