@@ -36,6 +36,14 @@ def _rt(eff: dict[str, Any] | None) -> str:
     return _ci(eff["rt_peak"]) + (" cpu" if eff["timing"] == "cpu" else " wall")
 
 
+def _borrowed(entry: dict[str, Any]) -> str:
+    """RT_peak on a clock the arm borrows: IIF's (adaptive arms) or PPO's plus the arm's scoring
+    (``weighting`` refill / soft), marked ``+scoring``."""
+    if "efficiency_vs_ppo_ppo_clock" in entry:
+        return _rt(entry["efficiency_vs_ppo_ppo_clock"]) + " (PPO's +scoring)"
+    return _rt(entry.get("efficiency_vs_ppo_iif_clock"))
+
+
 def rows(results: dict[str, Any]) -> list[str]:
     """Markdown rows of one environment's results.json (every arm but PPO)."""
     kwargs = results["config"].get("env_kwargs") or {}
@@ -64,7 +72,7 @@ def rows(results: dict[str, Any]) -> list[str]:
         out.append(
             f"| {env} | {method} | {len(eff['seeds'])} | {_ci(eff['se_ave'])} | "
             f"{_ci(same['se_ave']) if same else '-'} | {_ci(vs_iif['se_ave']) if vs_iif else '-'} | "
-            f"{_ci(eff['se_peak'])} | {_rt(eff)} | {_rt(entry.get('efficiency_vs_ppo_iif_clock'))} | "
+            f"{_ci(eff['se_peak'])} | {_rt(eff)} | {_borrowed(entry)} | "
             f"{kept} | {dropped_txt} | "
             f"{m90} |"
         )

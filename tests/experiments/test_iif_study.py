@@ -121,6 +121,23 @@ def test_iif_clock_replaces_the_arm_own_seconds() -> None:
     assert on_iif_clock["rt_peak"]["value"] != pytest.approx(compare(arm, ppo, metric)["rt_peak"]["value"])
 
 
+def test_ppo_clock_adds_the_arm_scoring_seconds() -> None:
+    from iif_sample_efficiency import ppo_clock_plus_scoring
+
+    rounds = np.arange(1, 6, dtype=float)
+    ppo = [_run(s, list(rounds / 5), list(rounds * 10)) for s in (0, 1)]
+    arm = [
+        {**_run(s, list(rounds / 4), list(rounds * 99)), "score_seconds": [1.0, 2.0, 0.5, 0.5, 1.0]}
+        for s in (1, 2)
+    ]
+    clocked = ppo_clock_plus_scoring(arm, ppo)
+    assert [r["seed"] for r in clocked] == [1]  # seed 2 has no PPO run
+    # PPO's seconds 10, 20, .., 50 plus the arm's cumulative scoring 1, 3, 3.5, 4, 5
+    assert clocked[0]["seconds"] == pytest.approx([11.0, 23.0, 33.5, 44.0, 55.0])
+    assert clocked[0]["cpu_seconds"] == pytest.approx([11.0, 23.0, 33.5, 44.0, 55.0])
+    assert ppo[1]["seconds"] == pytest.approx(list(rounds * 10))  # PPO's own run untouched
+
+
 @pytest.mark.parametrize("arm", ["iif-epoch", "iif-epoch-fresh"])
 def test_epoch_arm_records_its_later_drops(tmp_path: Path, arm: str) -> None:
     import iif_sample_efficiency as study
