@@ -13,7 +13,8 @@ re-scored at every epoch, applied to what the last epoch kept: the drops compoun
 the current parameters: no compounding), ``iif-refill`` (neg-bottom p, the kept records resampled
 back to the round's size so that PPO takes as many minibatch steps as unfiltered,
 ``weighting="refill"``) and ``iif-soft`` (neg-bottom p's dropped records down-weighted in
-proportion to their score instead of dropped, ``weighting="soft"``).
+proportion to their score instead of dropped, ``weighting="soft"``). ``iif-adaptive-<f>-refill``
+is the adaptive arm with ``weighting="refill"``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,18 @@ METHODS = (
 )
 ADAPTIVE = "iif-adaptive-"
 VALIDATION = "iif-val-"
-ARM_FORMS = f"{METHODS} or '{ADAPTIVE}<f>' (0 < f <= 1) or '{VALIDATION}<steps>' (steps >= 1)"
+REFILL = "-refill"
+ARM_FORMS = f"{METHODS} or '{ADAPTIVE}<f>[{REFILL}]' (0 < f <= 1) or '{VALIDATION}<steps>' (steps >= 1)"
+
+
+def weighting(method: str) -> str:
+    """The IIFCallback ``weighting`` of a study arm: ``"refill"`` for ``iif-refill`` and the
+    ``iif-adaptive-<f>-refill`` arms, ``"soft"`` for ``iif-soft``, else the paper's ``"drop"``."""
+    if method == "iif-refill" or (method.startswith(ADAPTIVE) and method.endswith(REFILL)):
+        return "refill"
+    return "soft" if method == "iif-soft" else "drop"
+
+
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
@@ -282,7 +294,7 @@ def adaptive_f(cfg: dict[str, Any], method: str) -> float | None:
     None for the other arms. Raises ValueError naming the method when it is no study arm."""
     if method.startswith(ADAPTIVE):
         try:
-            f = float(method[len(ADAPTIVE) :])
+            f = float(method[len(ADAPTIVE) :].removesuffix(REFILL))
         except ValueError:
             f = float("nan")
         if not 0.0 < f <= 1.0:
@@ -313,7 +325,8 @@ def arm_order(method: str) -> tuple[int, str, float]:
     if method in METHODS:
         return METHODS.index(method), "", 0.0
     prefix = ADAPTIVE if method.startswith(ADAPTIVE) else VALIDATION
-    return len(METHODS), prefix, float(method[len(prefix) :])
+    number = method[len(prefix) :].removesuffix(REFILL)
+    return len(METHODS), prefix + ("~" if number != method[len(prefix) :] else ""), float(number)
 
 
 def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
@@ -325,7 +338,7 @@ def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
     if method == "random":
         return StudyIIF(drop="random", p=p, seed=seed, **kwargs)
     if f is not None:
-        return StudyIIF(drop="adaptive", rule_kwargs={"f": f}, **kwargs)
+        return StudyIIF(drop="adaptive", rule_kwargs={"f": f}, weighting=weighting(method), **kwargs)
     steps = validation_steps(cfg, method)
     if steps is not None:
         # a separate env, seeded apart from training, whose transitions are never trained on
@@ -336,8 +349,7 @@ def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:
         kwargs["rescore"] = "epoch"
     if method == "iif-epoch-fresh":
         kwargs["rescore"] = "epoch-fresh"
-    if method in ("iif-refill", "iif-soft"):
-        kwargs["weighting"] = method[len("iif-") :]
+    kwargs["weighting"] = weighting(method)
     return StudyIIF(drop="neg-bottom", p=p, seed=seed, **kwargs)
 
 

@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from iif_envs import ARM_FORMS, OPTIMIZERS, adaptive_f, arm_order, run_one  # noqa: E402
+from iif_envs import ARM_FORMS, OPTIMIZERS, adaptive_f, arm_order, run_one, weighting  # noqa: E402
 
 from rlattr.core.store import atomic_write_bytes, save_json  # noqa: E402
 from rlattr.eval.efficiency import bootstrap_efficiency, efficiency, mean_and_band  # noqa: E402
@@ -244,9 +244,9 @@ def aggregate(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
             entry["iif_vs_ppo_same_seeds"] = compare(
                 [r for r in runs["iif"] if r["seed"] in mine], runs["ppo"], metric
             )
-        if method.startswith("iif-adaptive") and "iif" in runs:
+        if method.startswith("iif-adaptive") and weighting(method) == "drop" and "iif" in runs:
             entry["efficiency_vs_ppo_iif_clock"] = compare(group, runs["ppo"], metric, clock_runs=runs["iif"])
-        if method in ("iif-refill", "iif-soft"):
+        if weighting(method) != "drop":
             entry["efficiency_vs_ppo_ppo_clock"] = compare(
                 group,
                 runs["ppo"],

@@ -18,6 +18,7 @@ from iif_envs import (  # noqa: E402
     epoch_kept_fraction,
     tail_stats,
     validation_steps,
+    weighting,
 )
 from iif_sample_efficiency import compare  # noqa: E402
 
@@ -46,16 +47,34 @@ def test_validation_arm_names_carry_their_steps() -> None:
             validation_steps({"iif": {}}, bad)
         with pytest.raises(ValueError, match=f"method: got '{bad}'"):
             adaptive_f({"iif": {}}, bad)
-    arms = ["iif-val-2048", "iif-adaptive-0.9", "iif-soft", "ppo", "iif-val-512", "iif-adaptive-0.5", "iif"]
+    arms = ["iif-val-2048", "iif-adaptive-0.9-refill", "iif-adaptive-0.9", "iif-soft", "ppo"]
+    arms += ["iif-val-512", "iif-adaptive-0.5", "iif"]
     assert sorted(arms, key=arm_order) == [
         "ppo",
         "iif",
         "iif-soft",
         "iif-adaptive-0.5",
         "iif-adaptive-0.9",
+        "iif-adaptive-0.9-refill",
         "iif-val-512",
         "iif-val-2048",
     ]
+
+
+def test_weighting_of_each_arm() -> None:
+    assert adaptive_f({"iif": {}}, "iif-adaptive-0.9-refill") == 0.9
+    expected = {
+        "iif": "drop",
+        "iif-adaptive-0.9": "drop",
+        "iif-refill": "refill",
+        "iif-adaptive-0.9-refill": "refill",
+        "iif-soft": "soft",
+        "iif-epoch-fresh": "drop",
+    }
+    assert {arm: weighting(arm) for arm in expected} == expected
+    for bad in ("iif-adaptive-refill", "iif-adaptive-0.9-soft", "iif-val-64-refill"):
+        with pytest.raises(ValueError, match=f"method: got '{bad}'"):
+            adaptive_f({"iif": {}}, bad)
 
 
 def test_tail_stats_by_hand() -> None:
