@@ -154,7 +154,7 @@ def level_lines(folder: Path) -> list[str]:
 
 HEADER = (
     "| env | arm | seeds | SE_ave % vs PPO | IIF's SE_ave %, same seeds | SE_ave % vs IIF (paired) | "
-    "SE_peak % | RT_peak % (own clock) | RT_peak % (IIF's clock) | kept | dropped / round | m90 |\n"
+    "SE_peak % | RT_peak % (own clock) | RT_peak % (IIF's clock, or PPO's +scoring) | kept | dropped / round | m90 |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
