@@ -319,14 +319,14 @@ def validation_steps(cfg: dict[str, Any], method: str) -> int | None:
     return int(text)
 
 
-def arm_order(method: str) -> tuple[int, str, float]:
+def arm_order(method: str) -> tuple[int, str, float, bool]:
     """Sort key of the study arms: METHODS in their order, then the parameterised arms by their
-    form and number (``iif-adaptive-<f>`` by f, ``iif-val-<steps>`` by steps)."""
+    form and number (``iif-adaptive-<f>`` by f, its ``-refill`` arm right after it,
+    ``iif-val-<steps>`` by steps)."""
     if method in METHODS:
-        return METHODS.index(method), "", 0.0
+        return METHODS.index(method), "", 0.0, False
     prefix = ADAPTIVE if method.startswith(ADAPTIVE) else VALIDATION
-    number = method[len(prefix) :].removesuffix(REFILL)
-    return len(METHODS), prefix + ("~" if number != method[len(prefix) :] else ""), float(number)
+    return len(METHODS), prefix, float(method[len(prefix) :].removesuffix(REFILL)), method.endswith(REFILL)
 
 
 def _iif_callback(cfg: dict[str, Any], method: str, seed: int) -> IIFCallback:

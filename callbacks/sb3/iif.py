@@ -353,9 +353,7 @@ class IIFCallback(InfluenceCallback):
             restore_rollout_buffer(buf, shape)
 
     # ----------------------------------------------------------------- outputs
-    def _log_filter(
-        self, records: RecordBatch, result: FilterResult, resampled: dict[str, Any] | None = None
-    ) -> None:
+    def _log_filter(self, records: RecordBatch, result: FilterResult, resampled: dict[str, Any]) -> None:
         dropped = records.ids[~result.keep].tolist()
         entry = {
             "round": records.round_index,
@@ -366,7 +364,7 @@ class IIFCallback(InfluenceCallback):
             "threshold": result.threshold,
             "note": result.note,
             "dropped_ids": dropped,
-            **(resampled or {}),
+            **resampled,
         }
         self.filter_history.append(entry)
         self.logger.record("attr/kept_fraction", result.kept_fraction)
